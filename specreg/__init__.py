@@ -1,0 +1,1 @@
+"""specreg: spectral regularization up to the feature space, and black-box robustness evaluation."""
