@@ -1,1 +1,9 @@
-"""specreg: spectral regularization up to the feature space, and black-box robustness evaluation."""
+"""specreg: spectral regularization up to the feature space, and black-box robustness evaluation.
+
+Yang, Zavatone-Veth & Pehlevan (2024), "Spectral regularization for adversarially-robust
+representation learning", arXiv 2405.17181.
+"""
+from .config import ConfigError, validate_config
+from .train import Diverged, load_checkpoint, run_experiment, save_checkpoint
+
+__all__ = ["ConfigError", "Diverged", "load_checkpoint", "run_experiment", "save_checkpoint", "validate_config"]

@@ -1,0 +1,140 @@
+"""Models with an explicit representation map (`.features`) and readout (`.head`).
+
+Every model normalises its input itself, so data, attacks and perturbations all live in [0, 1] pixel
+space. Add a model by writing a builder and registering it in `MODELS`.
+"""
+import math
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation with fixed statistics (not a weight layer)."""
+
+    def __init__(self, channels: int, mean: float = 0.5, std: float = 0.25):
+        super().__init__()
+        self.register_buffer("mean", torch.full((channels,), mean))
+        self.register_buffer("std", torch.full((channels,), std))
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
+class Classifier(nn.Module):
+    """features → head; the split is what the regularizers and transfer tasks rely on."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, input_shape: tuple):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.input_shape = tuple(input_shape)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation: unknown {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(input_shape, num_classes, widths=(256,), activation="relu"):
+    """Fully connected network; the representation is the last hidden layer's activation."""
+    layers = [Normalize(input_shape[0]), nn.Flatten()]
+    fan_in = math.prod(input_shape)
+    for width in widths:
+        layers += [nn.Linear(fan_in, width), _activation(activation)]
+        fan_in = width
+    return Classifier(nn.Sequential(*layers), nn.Linear(fan_in, num_classes), input_shape)
+
+
+def slp(input_shape, num_classes, width=2000, activation="gelu"):
+    """One hidden layer (the paper's 2000-unit GELU network)."""
+    return mlp(input_shape, num_classes, widths=(width,), activation=activation)
+
+
+def cnn(input_shape, num_classes, channels=(32, 64, 64), activation="relu", padding_mode="zeros"):
+    """A small conv net: 3×3 convs (stride 2 after the first), global average pooling."""
+    layers = [Normalize(input_shape[0])]
+    c_in = input_shape[0]
+    for i, c_out in enumerate(channels):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1,
+                             padding_mode=padding_mode), _activation(activation)]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), nn.Linear(c_in, num_classes), input_shape)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride, padding_mode):
+        super().__init__()
+        conv = dict(kernel_size=3, padding=1, bias=False, padding_mode=padding_mode)
+        self.conv1 = nn.Conv2d(c_in, c_out, stride=stride, **conv)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, stride=1, **conv)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetFeatures(nn.Module):
+    """CIFAR ResNet-18 trunk: 3×3 stem without max-pool, four stages, global average pooling."""
+
+    def __init__(self, in_channels, width=64, blocks=(2, 2, 2, 2), padding_mode="zeros"):
+        super().__init__()
+        self.normalize = Normalize(in_channels)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False, padding_mode=padding_mode),
+            nn.BatchNorm2d(width), nn.ReLU())
+        c_in = width
+        for i, n in enumerate(blocks):
+            c_out = width * 2 ** i
+            stage = [BasicBlock(c_in if j == 0 else c_out, c_out, (1 if i == 0 else 2) if j == 0 else 1,
+                                padding_mode) for j in range(n)]
+            self.add_module(f"stage{i + 1}", nn.Sequential(*stage))
+            c_in = c_out
+        self.out_features = c_in
+        self.num_stages = len(blocks)
+
+    def forward(self, x):
+        x = self.stem(self.normalize(x))
+        for i in range(self.num_stages):
+            x = getattr(self, f"stage{i + 1}")(x)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def resnet18(input_shape, num_classes, width=64, padding_mode="zeros"):
+    """ResNet-18 with the CIFAR stem; `padding_mode: circular` makes the FFT conv norm exact."""
+    features = ResNetFeatures(input_shape[0], width=width, padding_mode=padding_mode)
+    return Classifier(features, nn.Linear(features.out_features, num_classes), input_shape)
+
+
+MODELS = {"slp": slp, "mlp": mlp, "cnn": cnn, "resnet18": resnet18}
+
+
+def build(spec: dict, input_shape, num_classes: int) -> Classifier:
+    """Build `spec['name']` with the remaining keys as options."""
+    options = dict(spec)
+    name = options.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"model.name: unknown {name!r}; choose from {sorted(MODELS)}")
+    if name in ("slp", "mlp", "cnn") and len(input_shape) not in (1, 3):
+        raise ValueError(f"model.name: {name} needs a flat or C×H×W input, got {input_shape}")
+    if name in ("cnn", "resnet18") and len(input_shape) != 3:
+        raise ValueError(f"model.name: {name} needs image inputs (C, H, W), got {tuple(input_shape)}")
+    if "widths" in options:
+        options["widths"] = tuple(options["widths"])
+    if "channels" in options:
+        options["channels"] = tuple(options["channels"])
+    return MODELS[name](tuple(input_shape), num_classes, **options)

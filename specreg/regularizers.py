@@ -1,0 +1,214 @@
+"""The regularizer family. Add one by subclassing `Regularizer` and registering it in `REGULARIZERS`.
+
+A regularizer is an `nn.Module` so its state (warm power-iteration vectors, eigenbases) follows the
+model to its device and into checkpoints. The training loop calls, in order: `attach(model)` once,
+`activate(model)` when the burn-in ends, then per epoch `start_epoch(model, x_train)` and per
+regularized step `penalty(model, batch)` right after the model's forward pass on that batch.
+"""
+import torch
+from torch import nn
+
+from . import spectral
+from .placement import resolve, weight_layers
+
+
+class Regularizer(nn.Module):
+    """No penalty. Also the base class: it logs σ_max of the layers it is placed on."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = dict(spec)
+        self.strength = float(spec.get("strength", 0.0))
+        self.layer_names: list[str] = []
+
+    def attach(self, model: nn.Module) -> "Regularizer":
+        infos = {info.name: info for info in weight_layers(model)}
+        self.layer_names = resolve(model, self.spec.get("placement") or "feature")
+        self._shapes = {name: infos[name].input_shape for name in infos}
+        self._logged = [name for name in infos if name in self.layer_names or name.startswith("features.")]
+        return self
+
+    def activate(self, model: nn.Module) -> None:
+        """Called once when the burn-in ends (and again on resume past it)."""
+
+    def start_epoch(self, model: nn.Module, x_train: torch.Tensor) -> None:
+        """Called at the start of each regularized epoch."""
+
+    def penalty(self, model: nn.Module, batch=None) -> torch.Tensor:
+        return torch.zeros((), device=next(model.parameters()).device)
+
+    @torch.no_grad()
+    def layer_norms(self, model: nn.Module) -> dict[str, float]:
+        """Exact σ_max of every feature layer and every placed layer (for logging and Σσ²)."""
+        modules = dict(model.named_modules())
+        mode = self.spec.get("conv_mode", "exact")
+        return {name: float(spectral.operator_norm(modules[name], self._shapes[name], mode=mode))
+                for name in self._logged}
+
+
+class RepSpectral(Regularizer):
+    """λ · Σ σ_max(W_l)² over the placed layers (default: every weight layer up to the features)."""
+
+    def attach(self, model):
+        super().attach(model)
+        modules = dict(model.named_modules())
+        self.norms = nn.ModuleList(
+            spectral.OperatorNorm(modules[name], self._shapes[name], mode=self.spec.get("conv_mode", "exact"),
+                                  n_power_iterations=self.spec.get("n_power_iterations", 1), seed=i)
+            for i, name in enumerate(self.layer_names))
+        self._preactivations = []
+        if self.spec.get("activation_term"):
+            self._hook_activations(model)
+        return self
+
+    def _hook_activations(self, model):
+        """Keep each feature nonlinearity's input z to add the bound's E[max_i φ'(z_i)²] term."""
+        activations = [m for m in model.features.modules() if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU))]
+        if not activations:
+            raise ValueError("regularizer.activation_term: the model's features have no nonlinearity")
+
+        def keep(module, inputs):
+            if module.training and torch.is_grad_enabled():
+                self._preactivations.append((module, inputs[0]))
+
+        for m in activations:
+            m.register_forward_pre_hook(keep)
+        model.features.register_forward_pre_hook(lambda module, inputs: self._preactivations.clear())
+
+    def penalty(self, model, batch=None):
+        total = sum(norm() ** 2 for norm in self.norms)
+        if self._preactivations:
+            for module, z in self._preactivations:
+                z = z.detach().requires_grad_(True) if not z.requires_grad else z
+                slope, = torch.autograd.grad(module(z).sum(), z, create_graph=True)
+                total = total + slope.pow(2).flatten(1).amax(dim=1).mean()
+            self._preactivations.clear()
+        return self.strength * total
+
+
+class AllLayerSpectral(RepSpectral):
+    """The end-to-end baseline (Yoshida & Miyato 2017): every weight layer, readout included."""
+
+    def __init__(self, spec):
+        super().__init__({**spec, "placement": "all"})
+
+
+class SpectralDecay(Regularizer):
+    """Shape the representation's covariance spectrum toward λ_n ∝ n^(−α) (Nassar et al. 2020).
+
+    The eigenbasis is refreshed once per epoch from a larger sample; each step reads the batch
+    eigenvalues as v_nᵀ C_batch v_n, which is cheaper and steadier than a batch eigendecomposition.
+    """
+
+    def attach(self, model):
+        super().attach(model)
+        placement = self.spec.get("placement") or "feature"
+        modules = dict(model.named_modules())
+        self._target = model.features if placement == "feature" else modules[self.layer_names[-1]]
+        self.register_buffer("basis", torch.empty(0))
+        self._output = None
+
+        def keep(module, inputs, output):
+            if module.training and torch.is_grad_enabled():
+                self._output = output
+
+        self._target.register_forward_hook(keep)
+        return self
+
+    @torch.no_grad()
+    def start_epoch(self, model, x_train):
+        was_training = model.training
+        model.eval()
+        n = min(len(x_train), self.spec.get("refresh_samples", 2048))
+        self._output = None
+        representation = self._capture(model, x_train[:n]).flatten(1).double()
+        model.train(was_training)
+        centered = representation - representation.mean(0)
+        covariance = centered.T @ centered / (n - 1)
+        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        rank = min(n - 1, covariance.shape[0])
+        self.basis = vectors.flip(1)[:, :rank].float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        basis = state_dict.get(prefix + "basis")
+        if basis is not None:
+            self.basis = torch.empty_like(basis, device=self.basis.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _capture(self, model, x):
+        out = {}
+        handle = self._target.register_forward_hook(lambda m, i, o: out.__setitem__("z", o))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        return out["z"]
+
+    def penalty(self, model, batch=None):
+        if self._output is None or self.basis.numel() == 0:
+            raise RuntimeError("spectral-decay: penalty() needs a training forward pass and start_epoch() first")
+        z = self._output.flatten(1).float()
+        self._output = None
+        centered = z - z.mean(0)
+        projected = centered @ self.basis
+        eigenvalues = projected.pow(2).sum(0) / max(len(z) - 1, 1)
+        tau = min(self.spec.get("tau", 10), len(eigenvalues))
+        alpha = self.spec.get("target_exponent", 1.0)
+        n = torch.arange(1, len(eigenvalues) + 1, device=z.device, dtype=z.dtype)
+        target = eigenvalues[tau - 1].detach() * (tau / n) ** alpha
+        ratio = (eigenvalues / target)[tau:] - 1
+        return self.strength * (ratio.pow(2) + ratio.clamp(min=0)).sum() / len(eigenvalues)
+
+
+class SpectralNormConstraint(Regularizer):
+    """The hard-constraint baseline: torch's spectral-norm parametrization on the placed layers."""
+
+    def activate(self, model):
+        modules = dict(model.named_modules())
+        for name in self.layer_names:
+            module = modules[name]
+            if not nn.utils.parametrize.is_parametrized(module, "weight"):
+                nn.utils.parametrizations.spectral_norm(module)
+
+
+class Jacobian(Regularizer):
+    """Random-projection estimate of ‖∂features/∂x‖_F² (Hoffman et al. 2019), the input-gradient baseline."""
+
+    def attach(self, model):
+        super().attach(model)
+        self._generator = None
+        return self
+
+    def penalty(self, model, batch=None):
+        if batch is None:
+            raise ValueError("jacobian: penalty() needs the batch")
+        x = batch[0].detach().requires_grad_(True)
+        features = model.features(x).flatten(1)
+        if self._generator is None:
+            self._generator = torch.Generator(device=x.device).manual_seed(int(self.spec.get("seed", 0)))
+        total = 0.0
+        projections = self.spec.get("projections", 1)
+        for _ in range(projections):
+            v = torch.randn(features.shape, generator=self._generator, device=x.device, dtype=features.dtype)
+            v = v / v.norm(dim=1, keepdim=True)
+            vjp, = torch.autograd.grad((features * v).sum(), x, create_graph=True)
+            total = total + vjp.pow(2).sum() / len(x)
+        return self.strength * features.shape[1] * total / projections
+
+
+REGULARIZERS = {
+    "none": Regularizer,
+    "rep-spectral": RepSpectral,
+    "all-layer-spectral": AllLayerSpectral,
+    "spectral-decay": SpectralDecay,
+    "spectral-norm": SpectralNormConstraint,
+    "jacobian": Jacobian,
+}
+
+
+def build(spec: dict) -> Regularizer:
+    """The regularizer for `spec['kind']` (not yet attached to a model)."""
+    kind = spec.get("kind", "none")
+    if kind not in REGULARIZERS:
+        raise ValueError(f"regularizer.kind: unknown {kind!r}; choose from {sorted(REGULARIZERS)}")
+    return REGULARIZERS[kind](spec)
