@@ -30,7 +30,7 @@ def test_defaults_are_filled_and_placement_defaults_per_kind():
     (with_(train={"optimizer": "lamb"}), ["train.optimizer", "lamb"]),
     (with_(train={"device": "tpu"}), ["train.device", "tpu"]),
     ({**BASE, "model": {"name": "mlp", "width": 3}}, ["model", "width"]),
-    ({**BASE, "model": {"name": "resnet18"}}, ["resnet18", "image"]),
+    ({"data": {"name": "synthetic-xor"}, "model": {"name": "resnet18"}}, ["resnet18", "image"]),
     ({**BASE, "extra": 1}, ["extra"]),
 ])
 def test_bad_values_name_the_key_and_value(config, names):

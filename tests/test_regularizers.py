@@ -1,0 +1,163 @@
+"""Each regularizer against an independent reference: dense SVDs, eigendecompositions, analytic values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from specreg import models, regularizers
+
+
+def mlp(widths=(24, 12), activation="relu", seed=0):
+    torch.manual_seed(seed)
+    return models.build({"name": "mlp", "widths": list(widths), "activation": activation}, (1, 4, 4), 5)
+
+
+def dense_sigma(layer):
+    return torch.linalg.svdvals(layer.weight.detach().double())[0].item()
+
+
+def build(model, **spec):
+    return regularizers.build({"strength": 1.0, "placement": "feature", **spec}).attach(model)
+
+
+def test_registry_lists_every_kind_and_rejects_unknown():
+    assert set(regularizers.REGULARIZERS) == {"none", "rep-spectral", "all-layer-spectral", "spectral-decay",
+                                             "spectral-norm", "jacobian"}
+    with pytest.raises(ValueError, match="rep-spectral"):
+        regularizers.build({"kind": "rep"})
+
+
+def test_rep_spectral_is_lambda_times_sum_of_squared_top_singular_values():
+    model = mlp()
+    reg = build(model, kind="rep-spectral", strength=0.3)
+    expected = 0.3 * sum(dense_sigma(model.features[i]) ** 2 for i in (2, 4))
+    assert reg.penalty(model).item() == pytest.approx(expected, rel=1e-4)
+    assert reg.layer_names == ["features.2", "features.4"]
+
+
+def test_rep_spectral_gradient_is_two_sigma_u_v():
+    model = mlp()
+    reg = build(model, kind="rep-spectral", placement="upto:1")
+    reg.penalty(model).backward()
+    weight = model.features[2].weight.detach().double()
+    u, s, vh = torch.linalg.svd(weight)
+    expected = 2 * s[0] * torch.outer(u[:, 0], vh[0])
+    assert torch.allclose(model.features[2].weight.grad.double(), expected, atol=1e-4)
+    assert model.head.weight.grad is None
+
+
+def test_all_layer_spectral_includes_the_readout():
+    model = mlp()
+    reg = regularizers.build({"kind": "all-layer-spectral", "strength": 1.0}).attach(model)
+    assert reg.layer_names == ["features.2", "features.4", "head"]
+    expected = sum(dense_sigma(m) ** 2 for m in (model.features[2], model.features[4], model.head))
+    assert reg.penalty(model).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_layer_norms_match_dense_svd_for_every_kind():
+    model = mlp()
+    for kind in regularizers.REGULARIZERS:
+        norms = build(model, kind=kind).layer_norms(model)
+        assert norms["features.2"] == pytest.approx(dense_sigma(model.features[2]), rel=1e-4)
+        assert norms["features.4"] == pytest.approx(dense_sigma(model.features[4]), rel=1e-4)
+
+
+def test_activation_term_matches_the_gelu_derivative():
+    model = mlp(widths=(6,), activation="gelu")
+    reg = build(model, kind="rep-spectral", activation_term=True, strength=1.0)
+    x = torch.rand(32, 1, 4, 4)
+    model(x)
+    total = reg.penalty(model).item()
+    z = model.features[:3](x).detach().double()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    slope = normal.cdf(z) + z * normal.log_prob(z).exp()
+    expected = dense_sigma(model.features[2]) ** 2 + slope.pow(2).amax(1).mean().item()
+    assert total == pytest.approx(expected, rel=1e-4)
+
+
+def spectral_decay_reference(features, tau, alpha):
+    """The Nassar et al. penalty from a full eigendecomposition of the batch covariance (numpy)."""
+    eig = np.linalg.eigvalsh(np.cov(features.T))[::-1]
+    n = np.arange(1, len(eig) + 1)
+    target = eig[tau - 1] * (tau / n) ** alpha
+    r = (eig / target)[tau:] - 1
+    return float((r ** 2 + np.maximum(r, 0)).sum() / len(eig))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_spectral_decay_matches_the_eigendecomposition_when_the_basis_is_fresh(alpha):
+    model = mlp(widths=(12,), activation="tanh")
+    reg = build(model, kind="spectral-decay", target_exponent=alpha, tau=3, refresh_samples=256)
+    x = torch.rand(256, 1, 4, 4)
+    reg.start_epoch(model, x)
+    model.train()
+    features = model.features(x)
+    got = reg.penalty(model).item()
+    expected = spectral_decay_reference(features.detach().double().numpy(), 3, alpha)
+    assert got == pytest.approx(expected, rel=1e-3)
+
+
+def test_spectral_decay_is_zero_on_an_exact_power_law():
+    d, alpha, tau = 16, 1.5, 2
+    features = nn.Sequential(nn.Flatten(), nn.Linear(d, d, bias=False))
+    model = models.Classifier(features, nn.Linear(d, 2), (d,))
+    with torch.no_grad():
+        features[1].weight.copy_(torch.eye(d))
+    # Inputs whose covariance has eigenvalues exactly n^(-alpha): orthogonal columns scaled by n^(-alpha/2).
+    q, _ = torch.linalg.qr(torch.randn(400, d, dtype=torch.float64))
+    q = q - q.mean(0)
+    q, _ = torch.linalg.qr(q)
+    scales = torch.arange(1, d + 1, dtype=torch.float64) ** (-alpha / 2) * math.sqrt(399)
+    x = (q * scales).float()
+    reg = regularizers.build({"kind": "spectral-decay", "strength": 1.0, "placement": "feature",
+                              "target_exponent": alpha, "tau": tau, "refresh_samples": 400}).attach(model)
+    reg.start_epoch(model, x)
+    model.train()
+    model.features(x)
+    assert reg.penalty(model).item() < 1e-6
+    model.features(x * torch.linspace(1, 2, d))
+    assert reg.penalty(model).item() > 1e-2
+
+
+def test_spectral_decay_state_survives_a_checkpoint():
+    model = mlp()
+    reg = build(model, kind="spectral-decay")
+    reg.start_epoch(model, torch.rand(64, 1, 4, 4))
+    fresh = build(model, kind="spectral-decay")
+    fresh.load_state_dict(reg.state_dict())
+    assert torch.equal(fresh.basis, reg.basis)
+
+
+def test_jacobian_penalty_estimates_the_frobenius_norm_of_a_linear_map():
+    d_in, d_out = 16, 8
+    model = models.build({"name": "mlp", "widths": [d_out], "activation": "relu"}, (d_in,), 3)
+    model.features[-1] = nn.Identity()  # a linear feature map: the Jacobian is W / std
+    reg = build(model, kind="jacobian", projections=4000)
+    x = torch.rand(4, d_in)
+    expected = model.features[2].weight.detach().pow(2).sum().item() / 0.25 ** 2
+    assert reg.penalty(model, (x, None)).item() == pytest.approx(expected, rel=0.1)
+
+
+def test_spectral_norm_constraint_bounds_the_placed_layers():
+    model = mlp()
+    reg = build(model, kind="spectral-norm")
+    assert reg.penalty(model).item() == 0.0
+    reg.activate(model)
+    model.train()
+    for _ in range(20):
+        model(torch.rand(8, 1, 4, 4))
+    for i in (2, 4):
+        assert dense_sigma(model.features[i]) == pytest.approx(1.0, rel=0.02)
+    assert dense_sigma(model.head) != pytest.approx(1.0, rel=0.02)
+
+
+def test_spectral_penalties_leave_the_global_rng_alone():
+    model = mlp()
+    before = torch.get_rng_state()
+    for kind in ("rep-spectral", "jacobian"):
+        reg = build(model, kind=kind)
+        reg.penalty(model, (torch.ones(4, 1, 4, 4), None))
+        reg.layer_norms(model)
+    assert torch.equal(before, torch.get_rng_state())
