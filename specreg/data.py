@@ -90,8 +90,7 @@ def load(spec: dict, device="cpu") -> Data:
     if unknown:
         raise ValueError(f"data: unknown key(s) {unknown} for dataset {name!r}; allowed: {sorted(allowed)}")
     augment = spec.get("augment", dataset.augment)
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise ValueError(f"data.augment: unknown {augment!r}; choose from {sorted(AUGMENTATIONS)} or null")
+    _augmentation(augment)
 
     x_train, y_train, x_test, y_test, num_classes = dataset.loader(spec)
     classes = tuple(range(num_classes))
@@ -406,12 +405,18 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding
 AUGMENTATIONS = {"crop-flip": crop_flip}
 
 
+def _augmentation(name: str | None) -> Callable | None:
+    if name is not None and name not in AUGMENTATIONS:
+        raise ValueError(f"data.augment: unknown {name!r}; choose from {sorted(AUGMENTATIONS)} or null")
+    return AUGMENTATIONS.get(name)
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
             shuffle: bool = True, augment: str | None = None, drop_last: bool = False
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (xb, yb) on x's device: one permutation per call (drawn with `generator`, which may be a CPU
     generator for CUDA data) and index slicing; `augment` names an entry of `AUGMENTATIONS`."""
-    transform = AUGMENTATIONS[augment] if augment is not None else None
+    transform = _augmentation(augment)
     n = len(x)
     order = torch.randperm(n, generator=generator, device=_device_of(generator)).to(x.device) if shuffle else None
     end = n - n % batch_size if drop_last else n
