@@ -340,6 +340,7 @@ def _imagefolder(spec: dict) -> Arrays:
 
 @_cached
 def _read_imagefolder(path: Path, size: tuple | None) -> Arrays:
+    """Decode every image once (cached by the top folder's mtime: edits deep inside need a new process)."""
     from torchvision import datasets, transforms
 
     steps = [transforms.PILToTensor()] if size is None else [transforms.Resize(size), transforms.PILToTensor()]

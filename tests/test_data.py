@@ -1,6 +1,5 @@
 """specreg.data: every loader on tiny files in its real on-disk format, the shared spec keys, and batching."""
 import gzip
-import os
 import pickle
 import struct
 from pathlib import Path
