@@ -1,0 +1,359 @@
+"""Batched hard-label (decision-based) L2 attacks: Tangent Attack, HopSkipJump and a binary-search baseline.
+
+The attacks only see the predicted label (argmax), never logits or gradients, and every sample advances
+together: each query round is one forward pass over a (samples × probes) batch on the model's device
+(split into `batch_size` rows only to bound memory), with the queries counted per sample against its
+budget. They are written here rather than taken from foolbox or ART because those attack one sample at
+a time on the host, which is what made robustness sweeps slow.
+
+- `tangent`: Ma et al., "Finding optimal tangent points for reducing distortions of hard-label attacks"
+  (NeurIPS 2021): HopSkipJump's boundary-normal estimate, then a step to the optimal tangent point of the
+  hemisphere of radius dist/sqrt(t) centred at the boundary point, then a binary search back.
+- `hsja`: Chen, Jordan & Wainwright, "HopSkipJumpAttack" (2020), L2 untargeted, geometric step size.
+- `boundary-search`: the starting point, binary-searched toward the input; a cheap baseline.
+
+Starting points (shared): uniform noise and, where it fails, blends of the input toward it (queried);
+then the nearest differently-predicted example of the attacked batch and of an optional `start_pool`
+(free: their labels are already known). All candidates are tried and the closest adversarial one wins
+(ties go to the earlier kind). The pool's predictions are a shared one-off cost, reported as
+`pool_queries` rather than charged to any sample.
+"""
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+ATTACKS = ("tangent", "hsja", "boundary-search")
+DEFAULTS = {
+    "start_pool": None,       # (M, *input_shape) candidate starting points, e.g. test images
+    "noise_starts": 4,        # uniform-noise images tried per sample
+    "blends": (0.25, 0.5, 0.75),  # x + t·(noise − x), tried where no noise image is adversarial
+    "init_evals": 100,        # probes of the first normal estimate; grows as sqrt(iteration)
+    "max_evals": 10_000,
+    "gamma": 1.0,             # binary-search tolerance theta = gamma / d^1.5 (HopSkipJump)
+    "max_halvings": 10,       # step-size halvings before an iteration gives up on its step
+    "batch_size": 8192,       # rows per forward pass
+    "progress": None,         # tqdm bar; None: only for long runs on a terminal
+}
+START_KINDS = ("none", "noise", "blend", "nearest", "pool", "misclassified")
+MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
+MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
+
+
+@dataclass
+class AttackResult:
+    distances: torch.Tensor    # (N,) float64 L2 distances: 0 if misclassified, inf if nothing found
+    adversarial: torch.Tensor  # (N, *input_shape) adversarial examples (the input where none found)
+    queries: torch.Tensor      # (N,) int64 model queries charged to each sample
+    start: list                # per sample, one of START_KINDS
+    pool_queries: int = 0      # one-off predictions of the start pool, shared by all samples
+
+
+def validate(name, max_queries, options) -> dict:
+    """Check an attack request before any query is spent; returns the options with defaults filled in."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    if isinstance(max_queries, bool) or not isinstance(max_queries, (int, float)) \
+            or max_queries != int(max_queries) or max_queries < 1:
+        raise ValueError(f"max_queries must be a positive integer (queries per sample), got {max_queries!r}")
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown attack options {unknown}; valid options: {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    for key in ("init_evals", "max_evals", "batch_size"):
+        if int(opts[key]) < 1:
+            raise ValueError(f"attack option {key} must be >= 1, got {opts[key]!r}")
+    for key in ("noise_starts", "max_halvings"):
+        if int(opts[key]) < 0:
+            raise ValueError(f"attack option {key} must be >= 0, got {opts[key]!r}")
+    if not all(0 < t < 1 for t in opts["blends"]):
+        raise ValueError(f"attack option blends must lie in (0, 1), got {opts['blends']!r}")
+    if opts["gamma"] <= 0:
+        raise ValueError(f"attack option gamma must be > 0, got {opts['gamma']!r}")
+    return opts
+
+
+def model_device(model) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def predict(model, x, batch_size=8192) -> torch.Tensor:
+    """Predicted labels, `batch_size` rows per forward pass; checks the output is (N, classes) logits."""
+    labels = []
+    for chunk in x.split(batch_size):
+        out = model(chunk)
+        if out.dim() != 2 or out.shape[0] != len(chunk) or out.shape[1] < 2:
+            raise ValueError(f"model output must be logits of shape (N, classes) with classes >= 2; "
+                             f"got {tuple(out.shape)} for N={len(chunk)}")
+        labels.append(out.argmax(1))
+    return torch.cat(labels)
+
+
+class _Oracle:
+    """Hard-label access to the model; every row it is fed is charged to the sample that asked."""
+
+    def __init__(self, model, input_shape, y, max_queries, batch_size):
+        self.model, self.shape, self.y = model, input_shape, y
+        self.max_queries, self.batch_size = max_queries, batch_size
+        self.queries = torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+    def room(self, idx):
+        return self.max_queries - self.queries[idx]
+
+    def predict(self, rows):
+        """Labels of flat rows, uncharged (callers charge them)."""
+        return predict(self.model, rows.reshape(-1, *self.shape), self.batch_size)
+
+    def labels(self, rows, idx):
+        """Labels of one row per sample `idx`, charged one query each."""
+        labels = self.predict(rows)
+        self.queries[idx] += 1
+        return labels
+
+    def ask(self, points, idx, limit=None):
+        """Which of points (k, m, d) are adversarial for samples idx (k,). Row j of sample i is only fed
+        when j < limit[i] and the budget allows; returns (adversarial, asked), both (k, m) bools."""
+        k, m = points.shape[:2]
+        room = self.room(idx) if limit is None else torch.minimum(limit, self.room(idx))
+        asked = torch.arange(m, device=points.device)[None] < room[:, None]
+        adv = torch.zeros(k, m, dtype=torch.bool, device=points.device)
+        if asked.any():
+            owners = self.y[idx][:, None].expand(k, m)[asked]
+            adv[asked] = self.predict(points[asked]) != owners
+            self.queries.index_add_(0, idx, asked.sum(1))
+        return adv, asked
+
+
+def run(model, x, y, name, max_queries, seed=0, **options) -> AttackResult:
+    """Attack each row of x (true labels y) with `name`, at most `max_queries` model queries per sample.
+
+    Options (see DEFAULTS) tune the starting points and the attacks; reproducible for a seed (the
+    attack's own generator; the global RNG is untouched)."""
+    opts = validate(name, max_queries, options)
+    if x.dim() < 2 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty batch (N, *input_shape), got shape {tuple(x.shape)}")
+    if tuple(y.shape) != (len(x),):
+        raise ValueError(f"y must have shape ({len(x)},), got {tuple(y.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _attack(model, x, y, name, int(max_queries), seed, opts)
+    finally:
+        model.train(was_training)
+
+
+def _attack(model, x, y, name, max_queries, seed, opts):
+    device = model_device(model)
+    n, shape = len(x), tuple(x.shape[1:])
+    d = math.prod(shape)
+    x0 = x.detach().to(device, torch.float32).reshape(n, d)
+    y = y.to(device, torch.long)
+    gen = torch.Generator(device).manual_seed(seed)
+    oracle = _Oracle(model, shape, y, max_queries, int(opts["batch_size"]))
+    theta = opts["gamma"] / d ** 1.5
+    steps = max(MIN_STEPS, math.ceil(math.log2(1 / theta)))  # binary-search rounds to reach theta
+
+    everyone = torch.arange(n, device=device)
+    pred = oracle.labels(x0, everyone)
+    pool, pool_pred = opts["start_pool"], None
+    if pool is not None and len(pool):
+        pool = pool.detach().to(device, torch.float32).reshape(len(pool), d)
+        pool_pred = oracle.predict(pool)
+
+    kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
+    todo = everyone[pred == y]
+    starts, kind[todo] = _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts)
+    found = kind[todo] != START_KINDS.index("none")
+    idx = todo[found]
+    adv = x0.clone()
+    best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+    best[kind == START_KINDS.index("misclassified")] = 0.0
+    post = (starts[found] - x0[idx]).norm(dim=1)  # distance before the last binary search
+    cur = _binary_search(oracle, x0[idx], starts[found], idx, steps)
+    dist = _record(adv, best, idx, cur, x0)
+
+    bar = _progress_bar(opts["progress"], n, max_queries)
+    if name != "boundary-search":
+        for t in range(1, sys.maxsize):
+            evals = min(int(opts["init_evals"] * math.sqrt(t)), int(opts["max_evals"]))
+            evals = (oracle.room(idx) - steps - 1).clamp(max=evals)  # leave room for the step and search
+            keep = evals >= MIN_EVALS
+            idx, cur, dist, post, evals = idx[keep], cur[keep], dist[keep], post[keep], evals[keep]
+            bar.update(n - len(idx) - bar.n)
+            bar.set_postfix(queries=int(oracle.queries.sum()))
+            if len(idx) == 0:
+                break
+            delta = torch.full_like(dist, 0.1) if t == 1 else (post * opts["gamma"] / d).clamp(min=1e-10)
+            u = _estimate_normal(oracle, cur, idx, delta, evals, gen)
+            origin, here, normal = x0[idx], cur, u
+            if name == "hsja":
+                def propose(rows, size):
+                    return here[rows] + size[:, None] * normal[rows]
+            else:
+                def propose(rows, size):
+                    return _tangent_point(origin[rows], here[rows], normal[rows], size)
+            cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), int(opts["max_halvings"]))
+            post[ok] = (cand[ok] - x0[idx[ok]]).norm(dim=1)
+            cur[ok] = _binary_search(oracle, x0[idx[ok]], cand[ok], idx[ok], steps)
+            dist = _record(adv, best, idx, cur, x0)
+    bar.update(n - bar.n)
+    bar.set_postfix(queries=int(oracle.queries.sum()))
+    bar.close()
+
+    return AttackResult(
+        distances=best.cpu(),
+        adversarial=adv.reshape(n, *shape).to(x.device),
+        queries=oracle.queries.cpu(),
+        start=[START_KINDS[i] for i in kind.tolist()],
+        pool_queries=0 if pool_pred is None else len(pool_pred),
+    )
+
+
+def _record(adv, best, idx, cur, x0):
+    """Keep each sample's closest adversarial point so far; returns the distances of `cur`."""
+    dist = (cur.double() - x0[idx].double()).norm(dim=1)
+    better = dist < best[idx]
+    adv[idx[better]] = cur[better]
+    best[idx[better]] = dist[better]
+    return dist.float()
+
+
+def _progress_bar(progress, n, max_queries):
+    if progress is None:
+        progress = sys.stderr.isatty() and n * max_queries >= 200_000
+    return tqdm(total=n, unit="sample", desc="attack", disable=not progress, leave=False)
+
+
+def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
+    """The closest adversarial candidate per sample of `todo` and its START_KINDS code (0: none)."""
+    k, d = len(todo), x0.shape[1]
+    xt, yt = x0[todo], y[todo]
+    best = torch.full((k,), math.inf, device=x0.device)
+    starts = xt.clone()
+    kind = torch.zeros(k, dtype=torch.long, device=x0.device)
+
+    def offer(rows, points, dist, name):
+        better = dist < best[rows]
+        rows = rows[better]
+        best[rows], starts[rows], kind[rows] = dist[better], points[better], START_KINDS.index(name)
+
+    rows = torch.arange(k, device=x0.device)
+    if opts["noise_starts"] and k:
+        noise = torch.rand(k, int(opts["noise_starts"]), d, generator=gen, device=x0.device)
+        hit, _ = oracle.ask(noise, todo)
+        offer(rows, *_closest(xt, noise, hit), "noise")
+        miss = rows[~hit.any(1)]
+        if len(miss) and len(opts["blends"]):
+            t = torch.tensor(opts["blends"], device=x0.device)[None, None, :, None]
+            blends = torch.lerp(xt[miss, None, None], noise[miss, :, None], t).flatten(1, 2)
+            hit, _ = oracle.ask(blends, todo[miss])
+            offer(miss, *_closest(xt[miss], blends, hit), "blend")
+    for points, labels, name in ((x0, pred, "nearest"), (pool, pool_pred, "pool")):
+        if labels is not None and k:
+            j, dist = _nearest(xt, yt, points, labels, oracle.batch_size)
+            offer(rows, points[j], dist, name)
+    return starts, kind
+
+
+def _closest(x, points, ok):
+    """Per row of x, the closest of points (k, m, d) where ok (k, m); distance inf where none."""
+    dist = (points - x[:, None]).norm(dim=2).masked_fill(~ok, math.inf)
+    dist, j = dist.min(1)
+    return points[torch.arange(len(x), device=x.device), j], dist
+
+
+def _nearest(x, y, points, labels, batch_size):
+    """Index and distance of the nearest of `points` whose label differs from y, per row of x."""
+    index, dists = [], []
+    chunk = max(1, batch_size * 64 // len(points))  # bounds the distance matrix to batch_size·64 entries
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        dist = torch.cdist(xs, points).masked_fill(labels[None] == ys[:, None], math.inf)
+        dist, j = dist.min(1)
+        index.append(j)
+        dists.append(dist)
+    return torch.cat(index), torch.cat(dists)
+
+
+def _binary_search(oracle, x0, xa, idx, steps):
+    """Walk from adversarial xa toward x0 until within 2^-steps (blend factor) of the boundary.
+    Every returned point was queried and found adversarial (or is xa itself)."""
+    lo = torch.zeros(len(idx), device=x0.device)
+    hi = torch.ones(len(idx), device=x0.device)
+    out = xa.clone()
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        points = torch.lerp(x0, xa, mid[:, None]).clamp_(0, 1)
+        adv, asked = oracle.ask(points[:, None], idx)
+        adv, asked = adv[:, 0], asked[:, 0]
+        if not asked.any():
+            break
+        out[adv] = points[adv]
+        hi = torch.where(adv, mid, hi)
+        lo = torch.where(asked & ~adv, mid, lo)
+    return out
+
+
+def _estimate_normal(oracle, xb, idx, delta, evals, gen):
+    """HopSkipJump's Monte-Carlo estimate of the boundary normal at xb (unit, toward the adversarial
+    side): mean of random unit directions weighted by the baseline-subtracted sign of the decision."""
+    k, d = xb.shape
+    m = int(evals.max())
+    normals = []
+    for rows in torch.arange(k, device=xb.device).split(max(1, oracle.batch_size // m)):
+        rv = torch.randn(len(rows), m, d, generator=gen, device=xb.device)
+        rv /= rv.norm(dim=2, keepdim=True)
+        step = delta[rows, None, None]
+        probes = (xb[rows, None] + step * rv).clamp_(0, 1)
+        rv = (probes - xb[rows, None]) / step
+        adv, asked = oracle.ask(probes, idx[rows], evals[rows])
+        sign = (2 * adv.float() - 1) * asked
+        mean = sign.sum(1, keepdim=True) / asked.sum(1, keepdim=True).clamp(min=1)
+        sign = torch.where(mean.abs() == 1, sign, (sign - mean) * asked)  # baseline unless unanimous
+        grad = torch.einsum("km,kmd->kd", sign, rv)
+        normals.append(grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    return torch.cat(normals)
+
+
+def _geometric_search(oracle, idx, propose, size, max_halvings):
+    """Halve each sample's step size until propose(rows, size) is adversarial; returns (points, found)."""
+    size = size.clone()
+    rows = torch.arange(len(idx), device=size.device)
+    found = torch.zeros(len(idx), dtype=torch.bool, device=size.device)
+    out = None
+    for _ in range(max_halvings + 1):
+        cand = propose(rows, size[rows]).clamp_(0, 1)
+        if out is None:
+            out = torch.empty(len(idx), cand.shape[1], device=cand.device)
+        adv, asked = oracle.ask(cand[:, None], idx[rows])
+        adv, asked = adv[:, 0], asked[:, 0]
+        out[rows[adv]] = cand[adv]
+        found[rows[adv]] = True
+        rows = rows[asked & ~adv]
+        if len(rows) == 0:
+            break
+        size[rows] /= 2
+    return out, found
+
+
+def _tangent_point(x0, xb, u, radius):
+    """Tangent point, seen from x0, of the hemisphere of `radius` centred at boundary point xb on the
+    side of normal u (Ma et al. 2021, Thm. 1): the point of the ball whose line to x0 is tangent to it,
+    in the plane spanned by x0 − xb and u, as far along u as possible."""
+    ox = x0 - xb
+    norm = ox.norm(dim=1).clamp(min=1e-12)
+    along = (ox * u).sum(1)
+    sin_a = (-along / norm).clamp(-1, 1)  # elevation of x0 below the tangent plane
+    cos_a = (1 - sin_a ** 2).clamp(min=0).sqrt()
+    cos_b = (radius / norm).clamp(max=1)  # half the angle the ball subtends from x0
+    sin_b = (1 - cos_b ** 2).clamp(min=0).sqrt()
+    sin_g = sin_b * cos_a - cos_b * sin_a
+    cos_g = cos_b * cos_a + sin_b * sin_a
+    flat = ox - along[:, None] * u
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return xb + radius[:, None] * (cos_g[:, None] * flat + sin_g[:, None] * u)

@@ -1,0 +1,92 @@
+"""Robustness metrics from minimal L2 adversarial distances found by a decision-based attack.
+
+Conventions: the first `samples` test points are attacked; misclassified ones count as distance 0
+(RobustBench). Points with no starting point (the model predicted their class everywhere the attack
+looked) have distance inf but are never counted as robust: they lower every robust accuracy and are
+reported as `attack_start_failures`. The start pool comes from the rest of the test set.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import attacks
+
+SPEC_DEFAULTS = {"seed": 0, "start_pool": 1000}
+
+
+def evaluate(model, test_data, attack_spec) -> dict:
+    """Clean accuracy on the whole test set and attack metrics on its first `samples` points."""
+    spec = {**SPEC_DEFAULTS, **attack_spec}
+    missing = [key for key in ("name", "samples", "max_queries", "eps") if key not in spec]
+    if missing:
+        raise ValueError(f"attack spec lacks {missing}")
+    name, samples, max_queries = spec.pop("name"), spec.pop("samples"), spec.pop("max_queries")
+    eps, seed, pool_size = list(spec.pop("eps")), int(spec.pop("seed")), spec.pop("start_pool")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"attack samples must be an integer >= 1, got {samples!r}")
+    if not eps:
+        raise ValueError("attack eps must list at least one radius")
+    bad = [e for e in eps if not e > 0]
+    if bad:
+        raise ValueError(f"attack eps must all be > 0, got {bad}")
+    if not isinstance(pool_size, int) or pool_size < 0:
+        raise ValueError(f"attack start_pool must be an integer >= 0, got {pool_size!r}")
+    attacks.validate(name, max_queries, spec)
+
+    x_test, y_test = test_data
+    device = attacks.model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            labels = torch.cat([attacks.predict(model, xs.to(device)) for xs in x_test.split(4096)])
+    finally:
+        model.train(was_training)
+    clean_acc = (labels.cpu() == y_test.cpu()).float().mean().item()
+
+    samples = min(samples, len(x_test))
+    rest = torch.arange(samples, len(x_test))
+    picked = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:pool_size]
+    pool = x_test[rest[picked]] if len(picked) else None
+    started = time.perf_counter()
+    result = attacks.run(model, x_test[:samples], y_test[:samples], name, max_queries, seed=seed,
+                         start_pool=pool, **spec)
+    seconds = time.perf_counter() - started
+
+    dist = result.distances.numpy()
+    failed = np.array([kind == "none" for kind in result.start])
+    robust_dist = np.where(failed, 0.0, dist)  # a start failure is never robust
+    found = dist[np.isfinite(dist)]
+    metrics = {
+        "clean_acc": clean_acc,
+        "adv_dist_median": float(np.median(found)) if len(found) else math.nan,
+        "adv_dist_mean": float(np.mean(found)) if len(found) else math.nan,
+    }
+    for e in sorted(eps):
+        metrics[f"adv_acc_eps_{eps_name(e)}"] = float(np.mean(robust_dist > e))
+    metrics["adv_auc"] = robust_auc(robust_dist, max(eps))
+    metrics.update({
+        "attack_samples": samples,
+        "attack_queries_mean": float(result.queries.double().mean()),
+        "attack_pool_queries": result.pool_queries,
+        "attack_seconds": seconds,
+        "attack_start_failures": int(failed.sum()),
+        "attack_success_rate": float(np.isfinite(dist).mean()),
+        "distances": dist,
+    })
+    return metrics
+
+
+def eps_name(eps: float) -> str:
+    """repr of the float without exponent notation, so metric names keep to [A-Za-z0-9_./]."""
+    return np.format_float_positional(float(eps), trim="0")
+
+
+def robust_auc(distances, max_eps: float) -> float:
+    """Area under robust accuracy(ε) = mean(d > ε) for ε in [0, max_eps], divided by max_eps.
+
+    Exact for the empirical curve (what a trapezoid on an ever finer grid converges to):
+    ∫_0^E 1[d > ε] dε = min(d, E)."""
+    return float(np.mean(np.minimum(distances, max_eps)) / max_eps)
