@@ -1,0 +1,190 @@
+"""Operator norms of weight layers, and power-law fits of representation spectra.
+
+The operator norm of a layer is the largest singular value σ_max of the linear map it applies to one
+input (bias excluded): the weight matrix for `nn.Linear`, the convolution operator on inputs of shape
+(C, H, W) for `nn.Conv2d`. It is found by power iteration on one of three representations:
+
+- "matrix": the weight as a matrix (Linear, or a conv weight reshaped to Cout × Cin·k·k, mode="reshape").
+- "fft": a conv with circular (or no) padding whose output is (H/s, W/s) is block diagonal in the Fourier
+  basis (Sedghi, Gupta & Long 2019). Splitting the input into its s×s stride phases gives one complex
+  Cout × s²·Cin block per output frequency, Ŵ(f) = Σ_taps K[:, :, a, b]·exp(-2πi(f1·q_a/M + f2·q_b/N))
+  with tap offset (a - pad) = s·q_a + phase. All blocks are iterated at once as a batch (half the
+  frequencies suffice: Ŵ(-f) = conj Ŵ(f)); σ_max is the largest over blocks, and only the top block is
+  rebuilt with gradient, so the backward pass never touches the other frequencies.
+- "spatial": any other conv (zero padding, other sizes); power iteration with the layer's own
+  convolution and its adjoint (a vjp) on the real input shape.
+
+The differentiable value is σ = |uᴴ A v| with the unit vectors u, v detached (dσ/dW = Re(u vᴴ) for a
+matrix, so dσ²/dW = 2σ u vᵀ).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COLD_TOL = 1e-6  # the cold start stops once no block's σ moves by more than COLD_TOL·σ_max in a step
+COLD_MAX_STEPS = 2000
+
+
+def _unit(x):
+    """x / ‖x‖ per block (dim 0), and the norms. A zero block stays zero."""
+    norm = x.flatten(1).norm(dim=1)
+    return x / norm.clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1)), norm
+
+
+def _power(matvec, rmatvec, v, steps, converge=False):
+    """`steps` power steps on every block from unit v (fewer once converged, if `converge`).
+
+    Returns unit u, v and the per-block σ = |uᴴ A v|; steps=0 just evaluates u and σ at v.
+    """
+    u, sigma = _unit(matvec(v))
+    for i in range(steps):
+        if i:
+            u, _ = _unit(matvec(v))
+        v_new, new = _unit(rmatvec(u))
+        v = torch.where((new > 0).view(-1, *[1] * (v.dim() - 1)), v_new, v)
+        converged = (new - sigma).abs().max() <= COLD_TOL * new.max()
+        sigma = new
+        if converge and converged:
+            break
+    return u, v, sigma
+
+
+def _axis_phases(n_freq, size, k, stride, pad, device):
+    """(n_freq, k, stride): the factor tap a contributes to stride phase r at frequency f on one axis."""
+    offset = torch.arange(k, device=device) - pad
+    angle = (-2 * math.pi / size) * (torch.arange(n_freq, device=device)[:, None] * offset.div(stride, rounding_mode="floor"))
+    return torch.polar(torch.ones_like(angle), angle)[:, :, None] * F.one_hot(offset % stride, stride)
+
+
+def _fft_grid(layer, input_shape):
+    """(M, N) = output size if the conv is block diagonal in the Fourier basis, else None."""
+    if layer.dilation != (1, 1) or layer.groups != 1 or isinstance(layer.padding, str):
+        return None
+    if layer.padding_mode != "circular" and layer.padding != (0, 0):
+        return None  # zero padding is circular only when there is none
+    grid = []
+    for size, k, s, p in zip(input_shape[1:], layer.kernel_size, layer.stride, layer.padding):
+        if size % s or (size + 2 * p - k) // s + 1 != size // s:
+            return None
+        grid.append(size // s)
+    return tuple(grid)
+
+
+class OperatorNorm(nn.Module):
+    """Warm-started σ_max of `layer`; the power-iteration state lives in buffers."""
+
+    def __init__(self, layer, input_shape=None, mode="exact", n_power_iterations=1, seed=0):
+        super().__init__()
+        if mode not in ("exact", "reshape"):
+            raise ValueError(f"mode must be 'exact' or 'reshape', got {mode!r}")
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"OperatorNorm supports nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+        object.__setattr__(self, "layer", layer)  # a plain reference: its parameters stay out of our state
+        self.n_power_iterations = n_power_iterations
+        weight = layer.weight
+        if isinstance(layer, nn.Linear) or mode == "reshape":
+            self.kind, v_shape = "matrix", (1, 1, weight[0].numel())
+        else:
+            if input_shape is None or len(input_shape) < 3 or input_shape[-3] != layer.in_channels:
+                raise ValueError(f"Conv2d needs input_shape=(C={layer.in_channels}, H, W), got {input_shape}")
+            self.input_shape = tuple(input_shape[-3:])
+            self.grid = _fft_grid(layer, self.input_shape)
+            if self.grid is None:
+                self.kind, v_shape = "spatial", (1, *self.input_shape)
+            else:
+                M, N = self.grid
+                self.kind = "fft"  # v is complex, stored as (real, imag) pairs
+                v_shape = (M * (N // 2 + 1), layer.stride[0] * layer.stride[1], layer.in_channels, 2)
+        v = torch.randn(v_shape, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("v", _unit(v)[0].to(weight.device))
+        self.register_buffer("initialized", torch.tensor(False, device=weight.device))
+
+    def _conv(self, x, w):
+        return self.layer._conv_forward(x, w, None)
+
+    def _phases(self, device):
+        """(P, s², k²) complex: the factor of each kernel tap in each stride phase of each frequency block."""
+        (M, N), (kh, kw), (sh, sw), (ph, pw) = self.grid, self.layer.kernel_size, self.layer.stride, self.layer.padding
+        eh = _axis_phases(M, M, kh, sh, ph, device)
+        ew = _axis_phases(N // 2 + 1, N, kw, sw, pw, device)
+        return torch.einsum("fax,gby->fgxyab", eh, ew).reshape(M * (N // 2 + 1), sh * sw, kh * kw)
+
+    def _blocks(self, w, phases):
+        """The Fourier blocks (P, s², Cout, Cin) from the kernel taps (phases may be a single block)."""
+        taps = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0] * w.shape[1]).to(phases.dtype)
+        return (phases @ taps).view(*phases.shape[:-1], *w.shape[:2])
+
+    def _operator(self, w):
+        """(matvec, rmatvec) of the operator on a batch of vectors, one per block (dim 0)."""
+        if self.kind == "spatial":
+            _, adjoint = torch.func.vjp(lambda x: self._conv(x, w), torch.zeros_like(self.v))
+            return lambda v: self._conv(v, w), lambda u: adjoint(u)[0]
+        A = w.reshape(1, 1, w.shape[0], -1) if self.kind == "matrix" else self._blocks(w, self._phases(w.device))
+        return (lambda v: (A @ v[..., None]).sum(1)[..., 0],
+                lambda u: (u.conj()[:, None, None, :] @ A)[:, :, 0, :].conj())
+
+    def _apply(self, w, v, p):
+        """A v for block p, differentiable in w."""
+        if self.kind == "spatial":
+            return self._conv(v, w)
+        block = w.reshape(1, w.shape[0], -1) if self.kind == "matrix" else self._blocks(w, self._phases(w.device)[p])
+        return (block @ v[p][..., None]).sum(0)
+
+    def forward(self, update=True):
+        weight = self.layer.weight
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.float()
+            with torch.no_grad():
+                v = self.v.to(w.device, torch.float32)
+                v = torch.view_as_complex(v) if self.kind == "fft" else v
+                cold = not bool(self.initialized)
+                steps = COLD_MAX_STEPS if cold else self.n_power_iterations * update
+                u, v, sigma = _power(*self._operator(w.detach()), v, steps, converge=cold)
+                if steps:
+                    self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
+                    self.initialized.fill_(True)
+                p = sigma.argmax()
+            return torch.vdot(u[p].flatten(), self._apply(w, v, p).flatten()).abs()
+
+
+def operator_norm(layer, input_shape=None, mode="exact"):
+    """Converged σ_max of the layer's linear map (bias excluded), differentiable in `layer.weight`.
+
+    input_shape=(C, H, W) is needed for Conv2d in mode="exact". mode="reshape" gives the Miyato et al.
+    bound instead: σ_max of the weight reshaped to Cout × Cin·k·k.
+    """
+    return OperatorNorm(layer, input_shape, mode)()
+
+
+def covariance_spectrum(features):
+    """Eigenvalues of the centered covariance (ddof=1) of features N×D (flattened), descending, float64.
+
+    Returns the min(N, D) largest (the rest are zero), as squared singular values of the centered data.
+    """
+    x = features.detach().reshape(features.shape[0], -1).double()
+    if x.shape[0] < 2:
+        raise ValueError(f"covariance_spectrum needs at least 2 samples, got {x.shape[0]}")
+    x = x - x.mean(dim=0)
+    return torch.linalg.svdvals(x) ** 2 / (x.shape[0] - 1)
+
+
+def fit_power_law(eigs, start=10, stop=None, rtol=1e-6):
+    """Decay exponent α̂ of λ_n ∝ n^(-α), by least squares of log λ_n on log n.
+
+    Fits ranks start ≤ n ≤ stop (1-based; stop=None: the last) among the eigenvalues above rtol·λ_1,
+    which drops the numerically zero tail. Returns nan if fewer than 3 eigenvalues remain.
+    """
+    if start < 1 or (stop is not None and stop < start):
+        raise ValueError(f"fit_power_law needs 1 <= start <= stop, got start={start}, stop={stop}")
+    lam = torch.as_tensor(eigs, dtype=torch.float64).flatten().sort(descending=True).values
+    n = torch.arange(1, len(lam) + 1, dtype=torch.float64)
+    keep = (n >= start) & (lam > rtol * lam[:1].clamp_min(0))
+    if stop is not None:
+        keep &= n <= stop
+    if keep.sum() < 3:
+        return float("nan")
+    x, y = n[keep].log(), lam[keep].log()
+    x = x - x.mean()
+    return float(-(x * (y - y.mean())).sum() / (x * x).sum())
