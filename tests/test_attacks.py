@@ -1,0 +1,215 @@
+"""Batched hard-label attacks: exact distances on linear boundaries, starting points, query accounting."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from specreg import attacks
+
+
+class Linear(nn.Module):
+    """Logits [0, w·x + b], computed in float64 so the exact boundary distance |w·x + b| / ‖w‖ holds."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.register_buffer("w", w.double())
+        self.b = b
+
+    def margin(self, x):
+        return x.reshape(len(x), -1).double() @ self.w + self.b
+
+    def forward(self, x):
+        z = self.margin(x)
+        return torch.stack([torch.zeros_like(z), z], 1).float()
+
+    def exact(self, x):
+        return self.margin(x).abs() / self.w.norm()
+
+
+class Band(nn.Module):
+    """Class 1 where the mean pixel lies in (0.3, 0.45): noise (mean ≈ 0.5) is class 0, blends may not be."""
+
+    def forward(self, x):
+        m = x.reshape(len(x), -1).mean(1)
+        z = (m - 0.3) * (0.45 - m)
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+class Counting(nn.Module):
+    """Counts every row the attack feeds the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.model(x)
+
+
+def linear_problem(n=100, d=64, seed=0):
+    """Inputs in [0.35, 0.65] (clear of the box) with small margins on both sides of a random hyperplane."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=gen)
+    x = 0.35 + 0.3 * torch.rand(n, d, generator=gen)
+    z = x.double() @ w.double()
+    model = Linear(w, -z.mean().item())
+    y = (model.margin(x) > 0).long()
+    return model, x, y
+
+
+def noise_side_problem(n=60, d=64, seed=0):
+    """Class 1 iff mean(x) < 0.3, so every uniform-noise image (mean 0.5 ± 0.036) is class 0; the batch
+    mixes both classes and class-0 points can only start from a class-1 neighbour."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = 0.25 + 0.1 * torch.rand(n, 1, generator=gen)
+    x = centre + 0.1 * (2 * torch.rand(n, d, generator=gen) - 1)
+    model = Linear(-torch.ones(d), 0.3 * d)
+    y = (model.margin(x) > 0).long()
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", ["tangent", "hsja"])
+def test_linear_boundary_distances_are_near_exact(name):
+    model, x, y = linear_problem()
+    result = attacks.run(model, x, y, name, 2000, progress=False)
+    exact = model.exact(x)
+    ratio = result.distances / exact
+    assert ratio.median() <= 1.05
+    assert (result.distances >= exact - 1e-6).all()
+    assert (result.queries <= 2000).all()
+
+
+def test_noise_side_classifier_still_gets_finite_distances():
+    model, x, y = noise_side_problem()
+    assert 0 < y.sum() < len(y)
+    result = attacks.run(model, x, y, "tangent", 2000, progress=False)
+    exact = model.exact(x)
+    assert torch.isfinite(result.distances).all()
+    assert (result.distances >= exact - 1e-6).all()
+    assert (result.distances / exact).median() <= 1.1
+    class0 = [kind for kind, label in zip(result.start, y) if label == 0]
+    assert set(class0) <= {"nearest", "pool"}
+
+
+def test_start_kinds_noise_blend_pool_none():
+    model, x, y = noise_side_problem()
+    one, zero = x[y == 1][:1], x[y == 0][:1]
+    ones, zeros = torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    assert attacks.run(model, one, ones, "boundary-search", 100).start == ["noise"]
+    alone = attacks.run(model, zero, zeros, "boundary-search", 100)
+    assert alone.start == ["none"] and alone.distances[0] == math.inf
+    pooled = attacks.run(model, zero, zeros, "boundary-search", 100, start_pool=x[y == 1][1:5])
+    assert pooled.start == ["pool"] and math.isfinite(pooled.distances[0]) and pooled.pool_queries == 4
+    dark = torch.full((1, 64), 0.2)
+    assert attacks.run(Band(), dark, zeros, "boundary-search", 100).start == ["blend"]
+
+
+def test_queries_are_counted_per_row_and_within_budget():
+    model, x, y = linear_problem(n=30)
+    y[:3] = 1 - y[:3]  # misclassified
+    pool = linear_problem(n=40, seed=1)[1]
+    for name, budget in [("tangent", 300), ("hsja", 457), ("hsja", 37), ("boundary-search", 5), ("tangent", 1)]:
+        counting = Counting(model)
+        result = attacks.run(counting, x, y, name, budget, start_pool=pool, progress=False)
+        assert counting.rows == int(result.queries.sum()) + result.pool_queries
+        assert result.pool_queries == len(pool)
+        assert (result.queries <= budget).all()
+        assert (result.queries[:3] == 1).all()
+
+
+def test_reproducible_for_a_seed_and_leaves_global_rng_alone():
+    model, x, y = linear_problem(n=20)
+    state = torch.get_rng_state()
+    a = attacks.run(model, x, y, "tangent", 500, seed=3)
+    b = attacks.run(model, x, y, "tangent", 500, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.distances, b.distances) and torch.equal(a.adversarial, b.adversarial)
+    assert torch.equal(a.queries, b.queries) and a.start == b.start
+    c = attacks.run(model, x, y, "tangent", 500, seed=4)
+    assert not torch.equal(a.distances, c.distances)
+
+
+def test_box_is_respected_and_results_are_adversarial():
+    gen = torch.Generator().manual_seed(0)
+    d = 16
+    x = torch.rand(40, 1, 4, 4, generator=gen)  # inputs on the whole cube: steps must be clipped
+    w = torch.randn(d, generator=gen)
+    model = Linear(w, -(x.reshape(40, -1).double() @ w.double()).median().item() + 1e-3)
+    y = (model.margin(x) > 0).long()
+    for name in attacks.ATTACKS:
+        result = attacks.run(model, x, y, name, 400)
+        assert result.adversarial.shape == x.shape
+        assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+        assert (model(result.adversarial).argmax(1) != y).all()
+        flat = (result.adversarial - x).reshape(40, -1).double()
+        torch.testing.assert_close(flat.norm(dim=1), result.distances)
+
+
+def test_misclassified_inputs_have_distance_zero():
+    model, x, y = linear_problem(n=10)
+    y[::2] = 1 - y[::2]
+    result = attacks.run(model, x, y, "hsja", 300)
+    assert (result.distances[::2] == 0).all() and (result.distances[1::2] > 0).all()
+    assert result.start[::2] == ["misclassified"] * 5
+    assert torch.equal(result.adversarial[::2], x[::2])
+
+
+@pytest.mark.parametrize("kwargs, fault", [
+    (dict(name="pgd"), "tangent, hsja, boundary-search"),
+    (dict(max_queries=0), "max_queries"),
+    (dict(max_queries=-5), "max_queries"),
+    (dict(max_queries=2.5), "max_queries"),
+    (dict(colour="red"), "colour"),
+])
+def test_bad_requests_fail_before_any_query(kwargs, fault):
+    model, x, y = linear_problem(n=4)
+    counting = Counting(model)
+    args = dict(name="tangent", max_queries=100) | kwargs
+    with pytest.raises(ValueError, match=fault):
+        attacks.run(counting, x, y, **args)
+    assert counting.rows == 0
+
+
+@pytest.mark.parametrize("output", [lambda x: x.sum(1), lambda x: x[:, :1], lambda x: x[:-1, :2]])
+def test_model_output_must_be_n_by_classes(output):
+    class Bad(nn.Module):
+        def forward(self, x):
+            return output(x.reshape(len(x), -1))
+
+    model, x, y = linear_problem(n=4)
+    with pytest.raises(ValueError, match="shape \\(N, classes\\)"):
+        attacks.run(Bad(), x, y, "tangent", 100)
+
+
+def digits_model():
+    """A small MLP on scikit-learn digits (pixels /16, N×1×8×8) and its held-out points."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(15):
+        for i in range(0, 1400, 100):
+            loss = nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, x[1400:], y[1400:]
+
+
+@pytest.mark.slow
+def test_digits_mlp_tangent_is_no_worse_than_hsja():
+    model, x, y = digits_model()
+    x, y = x[:200], y[:200]
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+    tangent = attacks.run(model, x, y, "tangent", 1000)
+    hsja = attacks.run(model, x, y, "hsja", 1000)
+    assert torch.isfinite(tangent.distances).all() and torch.isfinite(hsja.distances).all()
+    assert tangent.distances.median() <= 1.1 * hsja.distances.median()
