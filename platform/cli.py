@@ -1,0 +1,214 @@
+"""The `specreg` command. Exit codes: 0 done, 2 bad input (nothing created), 1 failure."""
+import csv
+import functools
+import json
+import os
+import subprocess
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BadInput
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Spectral-regularization sweeps: Ray Tune trials, Optuna search, MLflow tracking.")
+err = Console(stderr=True)
+
+MLFLOW_HELP = ("MLflow tracking URI, or a .db file. Default: the SQLite store ./mlruns.db with artifacts in "
+               "./mlartifacts.")
+STORAGE_HELP = "Folder for Ray results, trial checkpoints and the shared burn-in cache."
+
+
+def _mlflow_option():
+    return typer.Option(None, "--mlflow", help=MLFLOW_HELP, envvar="SPECREG_MLFLOW")
+
+
+def _storage_option():
+    return typer.Option(Path("specreg-runs"), "--storage", help=STORAGE_HELP, envvar="SPECREG_STORAGE")
+
+
+def exits(command):
+    """Turn bad input into exit code 2 and any other error into exit code 1, each with a message."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import specreg
+
+        try:
+            return command(*args, **kwargs)
+        except (BadInput, specreg.ConfigError) as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            traceback.print_exc()
+            err.print(f"[bold red]failed:[/] {type(error).__name__}: {error}", highlight=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@app.command()
+@exits
+def sweep(
+    space: Path = typer.Argument(..., help="The search-space YAML file."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Number of trials (default: the file's)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: the file's `name`)."),
+    mlflow: Optional[str] = _mlflow_option(),
+    storage: Path = _storage_option(),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent",
+                                                 help="Most trials at once (default: as many as fit)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of that name."),
+    smoke: bool = typer.Option(False, "--smoke", help="2 trials, 1 epoch, tiny attack: check the file runs."),
+    address: Optional[str] = typer.Option(None, "--address",
+                                          help="Ray cluster to join (auto, or ray://host:port); default: "
+                                               "a local Ray instance."),
+    gpus_per_trial: Optional[float] = typer.Option(None, "--gpus-per-trial",
+                                                   help="GPUs per trial, overriding resources.gpu "
+                                                        "(fractions pack trials on one GPU)."),
+):
+    """Run a sweep: one Ray Tune trial per config, searched by Optuna, tracked in MLflow."""
+    from .sweep import run_sweep
+
+    code = run_sweep(space, samples=samples, name=name, mlflow_uri=mlflow, storage=storage,
+                     max_concurrent=max_concurrent, resume=resume, smoke=smoke, address=address,
+                     gpus_per_trial=gpus_per_trial, echo=lambda text: Console().print(text, highlight=False, soft_wrap=True))
+    raise typer.Exit(code)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _client(mlflow: Optional[str]):
+    from . import tracking
+
+    uri = tracking.resolve_uri(mlflow)
+    tracking.require_store(uri)
+    tracking.check_reachable(uri)
+    return tracking.client(uri)
+
+
+@app.command()
+@exits
+def runs(
+    name: Optional[str] = typer.Argument(None, help="Sweep name (default: every sweep in the store)."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (in its objective's direction)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Show at most N trials."),
+    format: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    mlflow: Optional[str] = _mlflow_option(),
+):
+    """List the trials of a sweep from MLflow: searched params and objectives as columns."""
+    from .results import runs_table
+
+    columns, rows = runs_table(_client(mlflow), name, sort, limit)
+    if format is Format.json:
+        typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=1))
+    elif format is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    else:
+        cells = [["" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+        table = Table(*columns)
+        for row in cells:
+            table.add_row(*row)
+        widths = [max(len(str(c)) for c in column) for column in zip(columns, *cells)]
+        console = Console()
+        if not console.is_terminal:  # a file or a pipe gets every column whole
+            console = Console(width=sum(widths) + 3 * len(widths) + 1)
+        console.print(table)
+
+
+@app.command()
+@exits
+def export(
+    name: str = typer.Argument(..., help="Sweep name."),
+    out: Path = typer.Option(..., "--out", help="Folder to write best.yaml, pareto.yaml, trials.parquet, "
+                                                 "summary.md into."),
+    objective: Optional[str] = typer.Option(None, "--objective",
+                                            help="Rank by this metric alone (default: the sweep's objectives)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="max or min for --objective (default: the "
+                                                            "sweep's direction for it, else max)."),
+    mlflow: Optional[str] = _mlflow_option(),
+):
+    """Export a sweep's best config (trainable with `specreg train`), Pareto front, trials and summary."""
+    from .results import export as export_sweep
+
+    if mode not in (None, "max", "min"):
+        raise BadInput(f"--mode: must be max or min, got {mode!r}")
+    paths = export_sweep(_client(mlflow), name, out, objective, mode)
+    for path in paths.values():
+        typer.echo(str(path))
+
+
+def _load_config(path: Path, assignments: list[str]) -> dict:
+    from .space import set_dotted
+
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise BadInput(f"{path}: YAML error: {error}") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{path}: expected a mapping at the top level")
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--set: expected key=value, got {assignment!r}")
+        config = set_dotted(config, key.strip(), yaml.safe_load(value))
+    for key in ("root", "path"):  # exported configs hold data paths relative to their own folder
+        value = config.get("data", {}).get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (path.parent / value).exists():
+            config = set_dotted(config, f"data.{key}", str((path.parent / value).resolve()))
+    return config
+
+
+@app.command()
+@exits
+def train(
+    config: Path = typer.Argument(..., help="An experiment config YAML (e.g. an exported best.yaml)."),
+    assignments: list[str] = typer.Option([], "--set", help="Override a value: --set train.lr=0.05 (repeatable)."),
+    name: Optional[str] = typer.Option(None, "--name", help="MLflow experiment (default: the file's stem)."),
+    mlflow: Optional[str] = _mlflow_option(),
+    storage: Path = _storage_option(),
+):
+    """Train one config outside Ray, tracked in MLflow like a sweep's trial, with a progress bar."""
+    from .single import train_one
+
+    raise typer.Exit(train_one(_load_config(config, assignments), name or config.stem, mlflow, storage))
+
+
+@app.command()
+@exits
+def ui(
+    port: int = typer.Option(5000, "--port", help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep 127.0.0.1 unless on a "
+                                                         "private network)."),
+    mlflow: Optional[str] = _mlflow_option(),
+):
+    """Start the MLflow UI for the store."""
+    from . import tracking
+
+    uri = tracking.resolve_uri(mlflow)
+    tracking.require_store(uri)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    try:
+        raise typer.Exit(subprocess.run(command).returncode)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,254 @@
+"""Reading sweeps back from MLflow: the trials, the best config, the Pareto front, and the export files."""
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import tracking
+from .errors import BadInput
+
+SEARCH_KEYS = "specreg.search_keys"   # parent-run tags written by the sweep
+OBJECTIVES = "specreg.objectives"
+SEEDS = "specreg.seeds"
+
+
+@dataclass
+class TrialRecord:
+    sweep: str
+    run_id: str
+    trial_id: str
+    status: str
+    outcome: str
+    params: dict
+    metrics: dict
+    start_ms: int
+    end_ms: int | None
+    threat_model: str
+
+    @property
+    def duration_s(self) -> float | None:
+        return (self.end_ms - self.start_ms) / 1000 if self.end_ms else None
+
+
+@dataclass
+class Sweep:
+    name: str
+    experiment_id: str
+    parent_run_id: str
+    objectives: list[dict]
+    search_keys: list[str]
+    seeds: list[int]
+
+
+def is_robust(metric: str) -> bool:
+    """Whether a metric depends on the threat model."""
+    return metric.startswith(("adv_", "attack_"))
+
+
+def find_sweep(mlflow, name: str) -> Sweep:
+    """The latest sweep run under that name; BadInput if there is none."""
+    experiment = tracking.retry(mlflow.get_experiment_by_name, name)
+    runs = [] if experiment is None else tracking.retry(
+        mlflow.search_runs, [experiment.experiment_id], f"tags.`{tracking.ROLE}` = 'sweep'",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise BadInput(f"no sweep named {name!r} in the MLflow store {mlflow.tracking_uri}")
+    tags = runs[0].data.tags
+    return Sweep(name, experiment.experiment_id, runs[0].info.run_id, json.loads(tags.get(OBJECTIVES, "[]")),
+                 json.loads(tags.get(SEARCH_KEYS, "[]")), json.loads(tags.get(SEEDS, "[]")))
+
+
+def all_sweeps(mlflow) -> list[Sweep]:
+    experiments = tracking.retry(mlflow.search_experiments, filter_string=f"tags.`{tracking.SWEEP}` != ''")
+    sweeps = []
+    for experiment in experiments:
+        try:
+            sweeps.append(find_sweep(mlflow, experiment.name))
+        except BadInput:
+            continue  # an experiment of `specreg train` runs, not a sweep
+    return sweeps
+
+
+def trials(mlflow, sweep: Sweep) -> list[TrialRecord]:
+    """One record per trial (per config in an ablation) of the sweep, in start order."""
+    query = f"tags.`{tracking.PARENT}` = '{sweep.parent_run_id}' and tags.`{tracking.ROLE}` = 'trial'"
+    runs, token = [], None
+    while True:
+        page = tracking.retry(mlflow.search_runs, [sweep.experiment_id], query, max_results=1000,
+                              order_by=["attributes.start_time ASC"], page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return [TrialRecord(sweep.name, r.info.run_id, r.data.tags.get(tracking.TRIAL_ID, ""), r.info.status,
+                        r.data.tags.get(tracking.OUTCOME, ""), dict(r.data.params), dict(r.data.metrics),
+                        r.info.start_time, r.info.end_time, r.data.tags.get(tracking.THREAT_MODEL, "none"))
+            for r in runs]
+
+
+def rankable(records: list[TrialRecord], metrics: list[str]) -> list[TrialRecord]:
+    """Finished trials with a finite value for every metric; refuse to mix threat models."""
+    ok = [r for r in records if r.status == "FINISHED"
+          and all(math.isfinite(r.metrics.get(m, math.nan)) for m in metrics)]
+    if any(is_robust(m) for m in metrics):
+        models = sorted({r.threat_model for r in ok})
+        if len(models) > 1:
+            raise BadInput(f"these trials were attacked under different threat models ({', '.join(models)}); "
+                           "robust metrics of different threat models cannot be ranked together")
+    return ok
+
+
+def best(records: list[TrialRecord], metric: str, mode: str) -> TrialRecord:
+    sign = 1 if mode == "max" else -1
+    return max(records, key=lambda r: sign * r.metrics[metric])
+
+
+def dominates(a: TrialRecord, b: TrialRecord, objectives: list[dict]) -> bool:
+    """a is at least as good as b on every objective and better on one."""
+    better = False
+    for objective in objectives:
+        sign = 1 if objective["mode"] == "max" else -1
+        x, y = sign * a.metrics[objective["metric"]], sign * b.metrics[objective["metric"]]
+        if x < y:
+            return False
+        better |= x > y
+    return better
+
+
+def pareto(records: list[TrialRecord], objectives: list[dict]) -> list[TrialRecord]:
+    """The non-dominated trials."""
+    return [r for r in records if not any(dominates(o, r, objectives) for o in records if o is not r)]
+
+
+def run_config(mlflow, run_id: str) -> dict:
+    """The resolved config a trial ran (its `config.yaml` artifact)."""
+    with tempfile.TemporaryDirectory() as staging:
+        path = tracking.retry(mlflow.download_artifacts, run_id, "config.yaml", staging)
+        return yaml.safe_load(Path(path).read_text())
+
+
+def portable(value, out_dir: Path):
+    """A config with no absolute path of this machine: home-relative as `~/…`, others relative to out_dir."""
+    if isinstance(value, dict):
+        return {k: portable(v, out_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out_dir) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        home = Path.home()
+        path = Path(value)
+        if path.is_relative_to(home):
+            return "~/" + path.relative_to(home).as_posix()
+        return os.path.relpath(path, out_dir)
+    return value
+
+
+def _numeric(values: list):
+    """Param strings as floats where every value of the column is a number."""
+    try:
+        return [None if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        return values
+
+
+def write_parquet(records: list[TrialRecord], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        "trial_id": [r.trial_id for r in records], "mlflow_run_id": [r.run_id for r in records],
+        "status": [r.status for r in records], "outcome": [r.outcome for r in records],
+        "threat_model": [r.threat_model for r in records],
+        "start_time": [r.start_ms / 1000 for r in records],
+        "end_time": [r.end_ms / 1000 if r.end_ms else None for r in records],
+        "duration_s": [r.duration_s for r in records],
+    }
+    for key in sorted({k for r in records for k in r.params}):
+        columns[f"param.{key}"] = _numeric([r.params.get(key) for r in records])
+    for key in sorted({k for r in records for k in r.metrics}):
+        columns[f"metric.{key}"] = [r.metrics.get(key) for r in records]
+    pq.write_table(pa.table(columns), path)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[TrialRecord],
+                     objectives: list[dict], front: list[TrialRecord]) -> str:
+    metrics = [o["metric"] for o in objectives]
+    outcomes = {}
+    for record in records:
+        outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"- trials: {len(records)} ({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))})",
+             "- objectives: " + ", ".join(f"{o['metric']} ({o['mode']})" for o in objectives),
+             f"- threat model: {', '.join(sorted({r.threat_model for r in ranked})) or 'none'}"]
+    if len(sweep.seeds) > 1:
+        lines.append(f"- seeds: {sweep.seeds}; each value is the seed mean [95% interval]")
+    top = sorted(ranked, key=lambda r: (1 if objectives[0]["mode"] == "max" else -1) * -r.metrics[metrics[0]])
+    lines += ["", "## Top configs" if len(objectives) == 1 else "## Pareto front", ""]
+    shown = top[:10] if len(objectives) == 1 else [r for r in top if r in front]
+    header = ["trial"] + sweep.search_keys + metrics
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in shown:
+        cells = [record.trial_id] + [record.params.get(k, "—") for k in sweep.search_keys]
+        for metric in metrics:
+            value = _fmt(record.metrics[metric])
+            if f"{metric}_ci95_low" in record.metrics:
+                value += (f" [{_fmt(record.metrics[f'{metric}_ci95_low'])}, "
+                          f"{_fmt(record.metrics[f'{metric}_ci95_high'])}]")
+            cells.append(value)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: int | None = None):
+    """(columns, rows) of the trials of one sweep, or of every sweep in the store."""
+    sweeps = [find_sweep(mlflow, name)] if name else all_sweeps(mlflow)
+    records = [r for s in sweeps for r in trials(mlflow, s)]
+    keys = list(dict.fromkeys(k for s in sweeps for k in s.search_keys))
+    modes = {o["metric"]: o["mode"] for s in sweeps for o in s.objectives}
+    metrics = list(dict.fromkeys([*modes, *([sort] if sort else [])]))
+    if sort:
+        valued = [r for r in records if math.isfinite(r.metrics.get(sort, math.nan))]
+        if is_robust(sort) and len({r.threat_model for r in valued}) > 1:
+            raise BadInput(f"--sort {sort}: the trials were attacked under different threat models "
+                           f"({', '.join(sorted({r.threat_model for r in valued}))}); rank one sweep at a time")
+        valued.sort(key=lambda r: r.metrics[sort], reverse=modes.get(sort, "max") == "max")
+        records = valued + [r for r in records if r not in valued]
+    if limit is not None:
+        records = records[:limit]
+    columns = ["sweep", "trial", "status", "outcome", *keys, *metrics]
+    rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.params.get(k) for k in keys),
+             *(r.metrics.get(m) for m in metrics)] for r in records]
+    return columns, rows
+
+
+def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str | None = None) -> dict:
+    """Write best.yaml, pareto.yaml, trials.parquet and summary.md; return their paths."""
+    sweep = find_sweep(mlflow, name)
+    objectives = sweep.objectives
+    if objective:
+        listed = {o["metric"]: o["mode"] for o in objectives}
+        objectives = [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
+    records = trials(mlflow, sweep)
+    metrics = [o["metric"] for o in objectives]
+    ranked = rankable(records, metrics)
+    if not ranked:
+        raise RuntimeError(f"sweep {name!r} has no finished trial with {', '.join(metrics)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    top = best(ranked, metrics[0], objectives[0]["mode"])
+    front = pareto(ranked, objectives)
+    paths = {file: out / file for file in ("best.yaml", "pareto.yaml", "trials.parquet", "summary.md")}
+    paths["best.yaml"].write_text(yaml.safe_dump(portable(run_config(mlflow, top.run_id), out), sort_keys=False))
+    paths["pareto.yaml"].write_text(yaml.safe_dump([
+        {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "metrics": {m: r.metrics[m] for m in metrics},
+         "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False))
+    write_parquet(records, paths["trials.parquet"])
+    paths["summary.md"].write_text(summary_markdown(sweep, records, ranked, objectives, front))
+    return paths

@@ -1,0 +1,52 @@
+"""`specreg train`: one run outside Ray, tracked in MLflow the same way as a sweep's trial."""
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import tracking
+from .space import check_name
+
+
+def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) -> int:
+    """Validate, train and track one config; return the exit code (BadInput/ConfigError on bad input)."""
+    import specreg
+
+    resolved = specreg.validate_config(config)
+    check_name(name)
+    uri = tracking.resolve_uri(mlflow_uri)
+    tracking.check_reachable(uri)
+    mlflow = tracking.client(uri)
+    commit = tracking.git_commit()
+    experiment_id = tracking.ensure_experiment(mlflow, name, uri)
+    run = tracking.RunLog.open(mlflow, experiment_id, name, tracking.run_tags(resolved, "train", name, commit))
+    run.log_params({**resolved, **tracking.threat_model(resolved)})
+    checkpoint_dir = Path(storage).resolve() / "train" / f"{name}-{run.run_id[:12]}"
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}")]
+    try:
+        with Progress(*columns) as progress:
+            task = progress.add_task("epochs", total=resolved["train"]["epochs"], status="")
+
+            def on_epoch(metrics: dict) -> None:
+                run.log_metrics(metrics, step=metrics["epoch"])
+                last = metrics["epoch"] == resolved["train"]["epochs"] and resolved["attack"]
+                progress.update(task, completed=metrics["epoch"], status="attacking…" if last else
+                                f"loss {metrics['train_loss']:.4f}  test acc {metrics['test_acc']:.4f}")
+
+            result = specreg.run_experiment(resolved, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir)
+    except specreg.Diverged as error:
+        run.end("FAILED", "diverged", str(error))
+        print(f"diverged: {error} (MLflow run {run.run_id})")
+        return 1
+    except Exception as error:
+        run.end("FAILED", "failed", f"{type(error).__name__}: {error}")
+        raise
+    except BaseException:
+        run.end("KILLED", "killed")
+        raise
+    run.log_metrics(tracking.final_metrics(result), step=result["epoch"])
+    run.log_files(tracking.result_files(resolved, result, checkpoint_dir))
+    run.end("FINISHED", "finished")
+    shown = {k: v for k, v in tracking.scalars(result).items() if k == "clean_acc" or k.startswith("adv_")}
+    print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" (MLflow run {run.run_id}, {uri})")
+    return 0

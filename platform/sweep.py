@@ -1,0 +1,247 @@
+"""`specreg sweep`: validate the space, connect to Ray, track the sweep in MLflow, run it, summarise it.
+
+Everything the user can get wrong is checked before the first thing is created (the MLflow experiment,
+the sweep's storage folder): `BadInput` then means exit code 2 with nothing written.
+"""
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from . import results, tracking
+from .errors import BadInput
+from .monitor import SweepMonitor
+from .space import SweepSpec, check_name, load_space
+from .trainable import CONTEXT, FINAL, run_trial
+
+CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --resume needs
+CACHE_DIR = "burnin-cache"
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at address, or start a local Ray instance (reused if this process has one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))
+
+
+def check_resources(spec: SweepSpec) -> int:
+    """Refuse a trial that no node can hold (it would stay PENDING forever); return how many fit at once."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    gpus = [n.get("GPU", 0.0) for n in nodes]
+    if gpu > 0 and sum(gpus) == 0:
+        raise BadInput(f"resources.gpu: {gpu} GPU per trial requested, but the cluster has no GPU "
+                       "(set gpu: 0 or pass --gpus-per-trial 0)")
+    if gpu > max(gpus):
+        raise BadInput(f"resources.gpu: {gpu} GPUs per trial, but no node has more than {max(gpus):g}")
+    most_cpus = max(n.get("CPU", 0.0) for n in nodes)
+    if cpu > most_cpus:
+        raise BadInput(f"resources.cpu: {cpu} CPUs per trial, but no node has more than {most_cpus:g}")
+    fit = sum(math.floor(n.get("CPU", 0.0) / cpu + 1e-9) for n in nodes)
+    if gpu > 0:
+        fit = min(fit, sum(math.floor(g / gpu + 1e-9) for g in gpus))
+    return max(1, fit)
+
+
+def make_sampler(spec: SweepSpec):
+    import optuna
+
+    seed = spec.sampler.seed
+    if spec.sampler.name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if spec.sampler.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # random; grid points are enqueued, never sampled
+
+
+def make_searcher(spec: SweepSpec):
+    from ray.tune.search.optuna import OptunaSearch
+
+    class SweepSearch(OptunaSearch):
+        """OptunaSearch that tells Optuna an early-stopped trial was pruned (not complete with a
+        truncated value), and records a trial that errored and then finished after --resume."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            final = bool(result) and bool(result.get(FINAL)) and not error
+            if trial_id in self._completed_trials:
+                if final:
+                    import optuna
+
+                    asked = self._ot_trials[trial_id]
+                    values = [result[m] for m in spec.metrics]
+                    self._ot_study.add_trial(optuna.trial.create_trial(
+                        params=asked.params, distributions=asked.distributions,
+                        values=values if len(values) > 1 else None, value=values[0] if len(values) == 1 else None))
+                return
+            super().on_trial_complete(trial_id, result if final else None, error)
+
+    single = len(spec.objectives) == 1
+    points = spec.grid_points()[:spec.num_samples()] if spec.sampler.name == "grid" else None
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.setLevel(logging.WARNING)
+    return SweepSearch(space=spec.define_by_run, metric=spec.metrics[0] if single else spec.metrics,
+                       mode=spec.modes[0] if single else spec.modes, sampler=make_sampler(spec),
+                       points_to_evaluate=points)
+
+
+def make_scheduler(spec: SweepSpec, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.name == "asha":
+        return ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="training_iteration",
+                             max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
+                             reduction_factor=spec.scheduler.reduction_factor)
+    return FIFOScheduler()
+
+
+def trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _parent_params(spec: SweepSpec) -> dict:
+    params = {f"search.{k}": p.describe() for k, p in spec.search.items()}
+    params.update({"sampler.name": spec.sampler.name, "sampler.seed": spec.sampler.seed,
+                   "scheduler.name": spec.scheduler.name, "samples": spec.num_samples(),
+                   "objectives": ", ".join(f"{o.metric}:{o.mode}" for o in spec.objectives),
+                   "seeds": spec.seeds or "base", "resources.cpu": spec.resources.cpu,
+                   "resources.gpu": spec.resources.gpu, "run.max_failures": spec.run.max_failures,
+                   "run.shared_burnin": spec.run.shared_burnin})
+    return params
+
+
+def _start_tracking(spec: SweepSpec, base: dict, uri: str, space_text: str) -> dict:
+    """Create the experiment and the sweep's parent run; return the constants every trial gets."""
+    mlflow = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(mlflow, spec.name, uri)
+    commit = tracking.git_commit()
+    parent = tracking.RunLog.open(mlflow, experiment_id, spec.name, {
+        **tracking.run_tags(base, "sweep", spec.name, commit),
+        results.OBJECTIVES: json.dumps([o.model_dump() for o in spec.objectives]),
+        results.SEARCH_KEYS: json.dumps(list(spec.search)), results.SEEDS: json.dumps(spec.seeds or [])})
+    parent.log_params(_parent_params(spec))
+    parent.log_files({"space.yaml": space_text.encode()})
+    return {"spec": spec.model_dump(by_alias=True), "mlflow_uri": uri, "experiment_id": experiment_id,
+            "parent_run_id": parent.run_id, "sweep": spec.name, "commit": commit}
+
+
+def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
+    """Close what is still open, log the best config and the Pareto front on the parent run."""
+    mlflow = tracking.client(context["mlflow_uri"])
+    parent = tracking.RunLog(mlflow, context["parent_run_id"])
+    sweep = results.Sweep(spec.name, context["experiment_id"], parent.run_id,
+                          [o.model_dump() for o in spec.objectives], list(spec.search), spec.seeds or [])
+    records = results.trials(mlflow, sweep)
+    for record in records:
+        if record.status == "RUNNING":
+            tracking.close_trial_runs(mlflow, context["experiment_id"], record.trial_id, "KILLED", "killed")
+    ranked = results.rankable(records, spec.metrics)
+    if ranked:
+        front = results.pareto(ranked, sweep.objectives)
+        top = results.best(ranked, spec.metrics[0], spec.modes[0])
+        parent.log_metrics({f"best/{m}": top.metrics[m] for m in spec.metrics})
+        parent.set_tags({"specreg.best_run_id": top.run_id, "specreg.pareto_run_ids": json.dumps(
+            [r.run_id for r in front])})
+        parent.log_files({
+            "best.yaml": tracking.config_yaml(results.run_config(mlflow, top.run_id)),
+            "pareto.yaml": yaml.safe_dump([{"mlflow_run_id": r.run_id, "trial_id": r.trial_id,
+                                            "metrics": {m: r.metrics[m] for m in spec.metrics}} for r in front],
+                                          sort_keys=False).encode()})
+    else:
+        front = []
+    if interrupted:
+        parent.end("KILLED", "killed")
+    else:
+        parent.end("FINISHED", "finished")
+    return front
+
+
+def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="specreg-runs",
+              max_concurrent=None, resume=False, smoke=False, address=None, gpus_per_trial=None,
+              echo=print) -> int:
+    """Run (or resume) a sweep; return the exit code."""
+    from ray import tune
+
+    spec, base = load_space(space_path, samples=samples, smoke=smoke)
+    updates = {}
+    if name is not None:
+        updates["name"] = check_name(name)
+    if gpus_per_trial is not None:
+        if gpus_per_trial < 0:
+            raise BadInput(f"--gpus-per-trial: must be >= 0, got {gpus_per_trial}")
+        updates["resources"] = spec.resources.model_copy(update={"gpu": gpus_per_trial})
+    spec = spec.model_copy(update=updates)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise BadInput(f"--max-concurrent: must be at least 1, got {max_concurrent}")
+    storage = Path(storage).resolve()
+    sweep_dir = storage / spec.name
+    if resume and not (tune.Tuner.can_restore(str(sweep_dir)) and (sweep_dir / CONTEXT_FILE).is_file()):
+        raise BadInput(f"--resume: there is no sweep named {spec.name!r} in {storage}")
+    if not resume and sweep_dir.exists():
+        raise BadInput(f"a sweep named {spec.name!r} already exists in {storage}; continue it with --resume "
+                       "or choose another --name")
+    uri = tracking.resolve_uri(mlflow_uri)
+    tracking.check_reachable(uri)
+    connect(address)
+    fit = check_resources(spec)
+
+    if resume:
+        context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
+        if context["spec"] != spec.model_dump(by_alias=True):
+            echo(f"note: resuming with the space the sweep started with, not the current {space_path}")
+        spec = SweepSpec.model_validate(context["spec"])
+        tracking.retry(tracking.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
+    else:
+        context = _start_tracking(spec, base, uri, Path(space_path).read_text())
+        context.update({"cache_dir": str(sweep_dir / CACHE_DIR), "cpus": spec.resources.cpu})
+        sweep_dir.mkdir(parents=True)
+        (sweep_dir / CONTEXT_FILE).write_text(json.dumps(context))
+    concurrent = max_concurrent or spec.run.max_concurrent or min(fit, spec.num_samples())
+    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    echo(f"sweep {spec.name}: {spec.num_samples()} trials, up to {concurrent} at a time; "
+         f"MLflow {context['mlflow_uri']} (experiment {spec.name}); Ray results {sweep_dir}")
+    if resume:  # the searcher, the scheduler and the monitor come back from the sweep's saved state
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True,
+                                   param_space={CONTEXT: context})
+    else:
+        monitor = SweepMonitor(context["mlflow_uri"], context["experiment_id"], spec.metrics, list(spec.search))
+        tuner = tune.Tuner(
+            trainable, param_space={CONTEXT: context},
+            tune_config=tune.TuneConfig(search_alg=make_searcher(spec),
+                                        scheduler=make_scheduler(spec, base["train"]["epochs"]),
+                                        num_samples=spec.num_samples(), max_concurrent_trials=concurrent,
+                                        reuse_actors=True, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=0, callbacks=[monitor],
+                                      failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    # Trials checkpoint every epoch by design; Tune's warning about frequent state snapshots is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    grid = tuner.fit()  # returns on Ctrl-C too, with the sweep's state saved
+    interrupted = grid.num_terminated + grid.num_errors < spec.num_samples()
+    front = _finish_tracking(context, spec, interrupted)
+    return _report_end(echo, spec, context, sweep_dir, front, interrupted)
+
+
+def _report_end(echo, spec, context, sweep_dir, front, interrupted) -> int:
+    if interrupted:
+        echo(f"sweep {spec.name} interrupted; continue it with: specreg sweep SPACE.yaml --name {spec.name} "
+             f"--storage {sweep_dir.parent} --resume")
+        return 1
+    if not front:
+        echo(f"sweep {spec.name}: no trial finished; see the Ray logs in {sweep_dir}")
+        return 1
+    label = "best trial" if len(spec.objectives) == 1 else "Pareto front"
+    echo(f"sweep {spec.name} done; {label}:")
+    for record in front if len(spec.objectives) > 1 else front[:1]:
+        values = ", ".join(f"{m}={record.metrics[m]:.4g}" for m in spec.metrics)
+        echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={record.params.get(k, '—')}" for k in spec.search))
+    echo(f"look at it: specreg runs {spec.name} | specreg ui | specreg export {spec.name} --out DIR "
+         f"(MLflow {context['mlflow_uri']})")
+    return 0

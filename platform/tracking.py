@@ -1,0 +1,258 @@
+"""MLflow tracking through `MlflowClient`, done by the process that runs the trial.
+
+One experiment per sweep; a parent run for the sweep, a nested run per trial (`mlflow.parentRunId`), and
+for several seeds a nested run per seed under the trial's config run. Every write is retried on a
+temporary fault. A run ends FINISHED, FAILED or KILLED, never left RUNNING by a normal exit.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode
+
+from .errors import BadInput
+from .space import flatten
+
+DEFAULT_DB = "mlruns.db"
+ARTIFACT_DIR = "mlartifacts"
+PARENT = "mlflow.parentRunId"
+ROLE = "specreg.role"            # sweep | trial | seed | train
+SWEEP = "specreg.sweep"
+TRIAL_ID = "specreg.trial_id"
+SEED = "specreg.seed"
+OUTCOME = "specreg.outcome"      # finished | diverged | early_stopped | failed | killed
+ERROR = "specreg.error"
+THREAT_MODEL = "specreg.threat_model"
+ARRAY_KEYS = ("history", "distances", "spectrum")
+_CLIENTS: dict[str, MlflowClient] = {}
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: default `./mlruns.db`; a `.db` path or a relative SQLite URI made absolute.
+
+    Absolute because trials run in other working directories.
+    """
+    if not uri:
+        uri = DEFAULT_DB
+    if "://" not in uri and uri.endswith(".db"):
+        return f"sqlite:///{Path(uri).resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def require_store(uri: str) -> None:
+    """For reading commands: a SQLite store must already exist (reading must not create one)."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise BadInput(f"--mlflow: no MLflow store at {path} (run a sweep first, or pass --mlflow URI)")
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as error:
+        raise RuntimeError(f"the MLflow tracking server {uri} is unreachable: {error}") from None
+    raise RuntimeError(f"the MLflow tracking server {uri} is not healthy")
+
+
+def client(uri: str) -> MlflowClient:
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+def retry(call, *args, attempts: int = 5, **kwargs):
+    """Call, retrying temporary faults (a locked database, a dropped connection) with backoff."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(TEMPORARILY_UNAVAILABLE) or attempt == attempts - 1:
+                raise
+        except (OSError, ConnectionError):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(0.5 * 2 ** attempt)
+
+
+def ensure_experiment(mlflow: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts next to a SQLite store) if needed."""
+    experiment = retry(mlflow.get_experiment_by_name, name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            retry(mlflow.restore_experiment, experiment.experiment_id)
+        return experiment.experiment_id
+    path = sqlite_path(uri)
+    location = (path.parent / ARTIFACT_DIR / name).as_uri() if path else None
+    return retry(mlflow.create_experiment, name, artifact_location=location, tags={SWEEP: name})
+
+
+def git_commit() -> str:
+    """The commit of the checkout that holds the library, or '' outside a git checkout."""
+    import specreg
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(specreg.__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def threat_model(resolved: dict) -> dict:
+    """The params that define what a robust metric means; empty without an attack."""
+    attack = resolved.get("attack")
+    if not attack:
+        return {}
+    return {"attack.name": attack["name"], "attack.norm": attack.get("norm", "l2"),
+            "attack.max_queries": attack["max_queries"], "attack.samples": attack["samples"]}
+
+
+def threat_model_tag(resolved: dict) -> str:
+    return "/".join(str(v) for v in threat_model(resolved).values()) or "none"
+
+
+def run_tags(resolved: dict, role: str, sweep: str, commit: str) -> dict:
+    tags = {ROLE: role, SWEEP: sweep, "specreg.task": resolved["task"],
+            "specreg.dataset": resolved["data"]["name"], "specreg.regularizer": resolved["regularizer"]["kind"],
+            THREAT_MODEL: threat_model_tag(resolved)}
+    if commit:
+        tags.update({"specreg.git_commit": commit, "mlflow.source.git.commit": commit})
+    return tags
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """The numeric entries of a metrics dict (None, arrays and lists dropped)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k not in ARRAY_KEYS and isinstance(v, (int, float))}
+
+
+def final_metrics(result: dict) -> dict[str, float]:
+    """The scalars of a finished run that its last epoch did not already log."""
+    last_epoch = result["history"][-1] if result.get("history") else {}
+    return {k: v for k, v in scalars(result).items() if k not in last_epoch}
+
+
+def mean_interval(values) -> tuple[float, float, float]:
+    """Mean and the 95% t-interval of the mean (the mean itself for a single value)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def aggregate(results: list[dict]) -> dict[str, float]:
+    """Per metric over seeds: the mean under the metric's name, and `<metric>_ci95_low/high`."""
+    shared = set.intersection(*(set(scalars(r)) for r in results))
+    out = {}
+    for key in sorted(shared):
+        mean, low, high = mean_interval([scalars(r)[key] for r in results])
+        out.update({key: mean, f"{key}_ci95_low": low, f"{key}_ci95_high": high})
+    return out
+
+
+class RunLog:
+    """One MLflow run, written through the client with retries."""
+
+    def __init__(self, mlflow: MlflowClient, run_id: str):
+        self.mlflow, self.run_id = mlflow, run_id
+
+    @classmethod
+    def open(cls, mlflow: MlflowClient, experiment_id: str, name: str, tags: dict,
+             match: dict | None = None) -> "RunLog":
+        """Reopen the run whose tags equal `match` (a retried or resumed trial), else create one."""
+        if match:
+            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
+            found = retry(mlflow.search_runs, [experiment_id], query, max_results=1)
+            if found:
+                run = cls(mlflow, found[0].info.run_id)
+                if found[0].info.status != "RUNNING":
+                    retry(mlflow.update_run, run.run_id, status="RUNNING")
+                run.set_tags({OUTCOME: "running"})
+                return run
+        created = retry(mlflow.create_run, experiment_id, run_name=name, tags={**tags, OUTCOME: "running"})
+        return cls(mlflow, created.info.run_id)
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            retry(self.mlflow.log_batch, self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step or 0) for k, v in scalars(metrics).items()]
+        for start in range(0, len(items), 1000):
+            retry(self.mlflow.log_batch, self.run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, tags: dict) -> None:
+        retry(self.mlflow.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_files(self, files: dict[str, bytes]) -> None:
+        """Upload named byte strings as artifacts in one call."""
+        with tempfile.TemporaryDirectory() as staging:
+            for name, data in files.items():
+                (Path(staging) / name).write_bytes(data)
+            retry(self.mlflow.log_artifacts, self.run_id, staging)
+
+    def end(self, status: str, outcome: str, error: str | None = None) -> None:
+        tags = {OUTCOME: outcome, **({ERROR: error} if error else {})}
+        self.set_tags(tags)
+        retry(self.mlflow.set_terminated, self.run_id, status=status)
+
+
+def close_trial_runs(mlflow: MlflowClient, experiment_id: str, trial_id: str, status: str, outcome: str,
+                     error: str | None = None) -> None:
+    """End a trial's runs (config and seeds) that are still RUNNING: the trial could not (stopped, lost)."""
+    query = f"tags.`{TRIAL_ID}` = '{trial_id}' and attributes.status = 'RUNNING'"
+    for run in retry(mlflow.search_runs, [experiment_id], query):
+        RunLog(mlflow, run.info.run_id).end(status, outcome, error)
+
+
+def config_yaml(config: dict) -> bytes:
+    return yaml.safe_dump(config, sort_keys=False).encode()
+
+
+def result_files(resolved: dict, result: dict, checkpoint_dir=None) -> dict[str, bytes]:
+    """The artifacts of a finished run: its config, final model weights, attack distances, spectrum."""
+    import specreg
+
+    files = {"config.yaml": config_yaml(resolved)}
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / "state.pt").is_file():
+        buffer = io.BytesIO()
+        torch.save(specreg.load_checkpoint(checkpoint_dir)["model"], buffer)
+        files["model.pt"] = buffer.getvalue()
+    if result.get("distances") is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(result["distances"]))
+        files["distances.npy"] = buffer.getvalue()
+    if result.get("spectrum") is not None:
+        files["spectrum.json"] = json.dumps(list(result["spectrum"])).encode()
+    return files

@@ -1,0 +1,164 @@
+"""The Ray Tune function trainable: one trial is one config, trained over every seed of the sweep.
+
+The trial tracks itself in MLflow from the worker it runs on, reports every epoch to Tune with a
+checkpoint (the training state plus which seeds are done), and resumes from that checkpoint when Tune
+retries it. Objectives that are only known at the end are reported as NaN until the final report.
+"""
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from . import burnin, tracking
+from .space import SweepSpec, set_dotted
+
+CONTEXT = "_specreg"        # the param_space key holding the sweep's constants
+STATE = "platform.json"     # in every checkpoint: the seed being trained and the finished seeds' metrics
+TRAIN_DIR = "train"         # in every checkpoint: run_experiment's state
+FINAL = "specreg_final"     # in a trial's last report only
+OUTCOME = "specreg_outcome"
+
+
+def searched(config: dict) -> dict:
+    """A trial config's searched values (everything but the sweep's constants)."""
+    return {k: v for k, v in config.items() if k != CONTEXT}
+
+
+def objective_values(spec: SweepSpec, metrics: dict, final: bool) -> dict:
+    """Every objective for a Tune report: its value, or NaN where it is not known yet."""
+    out = {}
+    for metric in spec.metrics:
+        if metric in metrics:
+            out[metric] = metrics[metric]
+        elif metric == "clean_acc" and not final and "test_acc" in metrics:
+            out[metric] = metrics["test_acc"]
+        else:
+            out[metric] = math.nan
+    return out
+
+
+def worst_values(spec: SweepSpec) -> dict:
+    """What a diverged trial tells the searcher: the worst value of every objective."""
+    return {o.metric: -math.inf if o.mode == "max" else math.inf for o in spec.objectives}
+
+
+def run_trial(config: dict) -> None:
+    """Tune entry point."""
+    import specreg
+
+    context = config[CONTEXT]
+    spec = SweepSpec.model_validate(context["spec"])
+    resolved = specreg.validate_config(spec.trial_config(searched(config)))
+    torch.set_num_threads(max(1, int(context["cpus"])))
+    Trial(context, spec, resolved).run()
+
+
+class Trial:
+    def __init__(self, context: dict, spec: SweepSpec, resolved: dict):
+        self.context, self.spec, self.resolved = context, spec, resolved
+        self.seeds = spec.seed_list(resolved)
+        self.multi = len(self.seeds) > 1
+        self.work = Path(tempfile.mkdtemp(prefix="specreg-trial-"))
+        self.state = {"seed_index": 0, "results": []}
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                shutil.copytree(directory, self.work, dirs_exist_ok=True)
+            self.state = json.loads((self.work / STATE).read_text())
+        self.mlflow = tracking.client(context["mlflow_uri"])
+        self.trial_id = tune.get_context().get_trial_id()
+        self.config_run = self._open(self.trial_id, context["parent_run_id"], "trial", resolved,
+                              {tracking.TRIAL_ID: self.trial_id})
+        params = dict(resolved)
+        if self.multi:
+            params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
+            params["seeds"] = self.seeds
+        self.config_run.log_params({**params, **tracking.threat_model(resolved)})
+
+    def _open(self, name: str, parent: str, role: str, resolved: dict, match: dict) -> tracking.RunLog:
+        tags = {**tracking.run_tags(resolved, role, self.context["sweep"], self.context["commit"]),
+                tracking.PARENT: parent, **match}
+        return tracking.RunLog.open(self.mlflow, self.context["experiment_id"], name, tags,
+                                    match={tracking.PARENT: parent, **match})
+
+    def run(self) -> None:
+        import specreg
+
+        current = self.config_run
+        try:
+            for index in range(len(self.state["results"]), len(self.seeds)):
+                seed = self.seeds[index]
+                seed_config = set_dotted(self.resolved, "train.seed", seed)
+                if self.multi:
+                    current = self._open(f"{self.trial_id}-seed{seed}", self.config_run.run_id, "seed",
+                                         seed_config, {tracking.TRIAL_ID: self.trial_id, tracking.SEED: seed})
+                    current.log_params({**seed_config, **tracking.threat_model(seed_config)})
+                result = self._train(seed_config, current)
+                current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
+                current.log_files(tracking.result_files(seed_config, result, self.work / TRAIN_DIR))
+                self.state["results"].append(tracking.scalars(result))
+                if self.multi:
+                    current.end("FINISHED", "finished")
+                    current = self.config_run
+                    self.state["seed_index"] = index + 1
+                    shutil.rmtree(self.work / TRAIN_DIR, ignore_errors=True)
+                    self._report({**tracking.scalars(result), "seed": seed}, final=False)
+            final = self.state["results"][0]
+            if self.multi:
+                final = tracking.aggregate(self.state["results"])
+                self.config_run.log_metrics(final, step=int(final["epoch"]))
+                self.config_run.log_files({"config.yaml": tracking.config_yaml(
+                    set_dotted(self.resolved, "train.seed", self.seeds[0]))})
+            self.config_run.end("FINISHED", "finished")
+            self._report({**final, FINAL: 1, OUTCOME: "finished"}, final=True)
+        except specreg.Diverged as error:
+            self._end(current, "FAILED", "diverged", f"diverged at epoch {error.epoch}")
+            tune.report({**worst_values(self.spec), FINAL: 1, OUTCOME: "diverged",
+                         "mlflow_run_id": self.config_run.run_id})
+        except Exception as error:
+            self._end(current, "FAILED", "failed", f"{type(error).__name__}: {error}")
+            raise
+        except BaseException:  # Tune stopping the trial (an early stop by the scheduler) exits its thread
+            self._end(current, "KILLED", "early_stopped")
+            raise
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _end(self, current: tracking.RunLog, status: str, outcome: str, error: str | None = None) -> None:
+        """End the seed run being trained (if any) and the trial's run."""
+        if current is not self.config_run:
+            current.end(status, outcome, error)
+        self.config_run.end(status, outcome, error)
+
+    def _train(self, config: dict, log: tracking.RunLog) -> dict:
+        import specreg
+
+        train_dir = self.work / TRAIN_DIR
+        resume = train_dir if (train_dir / "state.pt").is_file() else None
+        epochs = burnin.burnin_epochs(config)
+        if (resume is None and self.spec.run.shared_burnin and self.context["cache_dir"]
+                and 0 < epochs < config["train"]["epochs"]):
+            resume, trained = burnin.ensure(self.context["cache_dir"], config)
+            log.set_tags({"specreg.burnin": "trained" if trained else "cached", "specreg.burnin_key": resume.name})
+            for metrics in burnin.history(resume):
+                log.log_metrics(metrics, step=metrics["epoch"])
+        seed = config["train"]["seed"]
+
+        def on_epoch(metrics: dict) -> None:
+            log.log_metrics(metrics, step=metrics["epoch"])
+            self._report({**tracking.scalars(metrics), "seed": seed}, final=False)
+
+        return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume)
+
+    def _report(self, metrics: dict, final: bool) -> None:
+        """Report to Tune; every report but the last carries the checkpoint to resume from."""
+        report = {**metrics, **objective_values(self.spec, metrics, final), "mlflow_run_id": self.config_run.run_id}
+        if final:
+            tune.report(report)
+            return
+        (self.work / STATE).write_text(json.dumps(self.state))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(self.work))
