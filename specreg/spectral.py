@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COLD_TOL = 1e-6  # the cold start stops once no block's σ moves by more than COLD_TOL·σ_max in a step
+# The cold start stops once, in one step, no block's σ moves by more than COLD_TOL·σ_max and the top
+# block's unit v by no more than VECTOR_TOL (the gradient needs the singular vectors, not just σ).
+COLD_TOL = 1e-6
+VECTOR_TOL = 1e-5
 COLD_MAX_STEPS = 2000
 
 
@@ -33,8 +36,14 @@ def _unit(x):
     return x / norm.clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1)), norm
 
 
+def _settled(sigma, new, v, v_new):
+    """True once no block's σ moved by COLD_TOL·σ_max and the top block's v by VECTOR_TOL."""
+    top = new.argmax()
+    return bool((new - sigma).abs().max() <= COLD_TOL * new.max() and (v_new[top] - v[top]).norm() <= VECTOR_TOL)
+
+
 def _power(matvec, rmatvec, v, steps, converge=False):
-    """`steps` power steps on every block from unit v (fewer once converged, if `converge`).
+    """`steps` power steps on every block from unit v (fewer once settled, if `converge`).
 
     Returns unit u, v and the per-block σ = |uᴴ A v|; steps=0 just evaluates u and σ at v.
     """
@@ -43,10 +52,9 @@ def _power(matvec, rmatvec, v, steps, converge=False):
         if i:
             u, _ = _unit(matvec(v))
         v_new, new = _unit(rmatvec(u))
-        v = torch.where((new > 0).view(-1, *[1] * (v.dim() - 1)), v_new, v)
-        converged = (new - sigma).abs().max() <= COLD_TOL * new.max()
-        sigma = new
-        if converge and converged:
+        settled = converge and _settled(sigma, new, v, v_new)
+        v, sigma = torch.where((new > 0).view(-1, *[1] * (v.dim() - 1)), v_new, v), new  # a zero block keeps v
+        if settled:
             break
     return u, v, sigma
 
@@ -104,6 +112,17 @@ class OperatorNorm(nn.Module):
     def _conv(self, x, w):
         return self.layer._conv_forward(x, w, None)
 
+    def _conv_adjoint(self, w):
+        """u ↦ Aᵀu: a transposed conv for zero padding, else the vjp of the layer's own convolution."""
+        layer = self.layer
+        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            extra = tuple((n + 2 * p - d * (k - 1) - 1) % s for n, k, s, p, d in
+                          zip(self.input_shape[1:], layer.kernel_size, layer.stride, layer.padding, layer.dilation))
+            return lambda u: F.conv_transpose2d(u, w, None, layer.stride, layer.padding, extra, layer.groups,
+                                                layer.dilation)
+        _, adjoint = torch.func.vjp(lambda x: self._conv(x, w), torch.zeros(1, *self.input_shape, device=w.device))
+        return lambda u: adjoint(u)[0]
+
     def _phases(self, device):
         """(P, s², k²) complex: the factor of each kernel tap in each stride phase of each frequency block."""
         (M, N), (kh, kw), (sh, sw), (ph, pw) = self.grid, self.layer.kernel_size, self.layer.stride, self.layer.padding
@@ -119,13 +138,12 @@ class OperatorNorm(nn.Module):
     def _operator(self, w):
         """(matvec, rmatvec) of the operator on a batch of vectors, one per block (dim 0)."""
         if self.kind == "spatial":
-            _, adjoint = torch.func.vjp(lambda x: self._conv(x, w), torch.zeros_like(self.v))
-            return lambda v: self._conv(v, w), lambda u: adjoint(u)[0]
+            return lambda v: self._conv(v, w), self._conv_adjoint(w)
         A = w.reshape(1, 1, w.shape[0], -1) if self.kind == "matrix" else self._blocks(w, self._phases(w.device))
         return (lambda v: (A @ v[..., None]).sum(1)[..., 0],
                 lambda u: (u.conj()[:, None, None, :] @ A)[:, :, 0, :].conj())
 
-    def _apply(self, w, v, p):
+    def _block_matvec(self, w, v, p):
         """A v for block p, differentiable in w."""
         if self.kind == "spatial":
             return self._conv(v, w)
@@ -146,7 +164,7 @@ class OperatorNorm(nn.Module):
                     self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
                     self.initialized.fill_(True)
                 p = sigma.argmax()
-            return torch.vdot(u[p].flatten(), self._apply(w, v, p).flatten()).abs()
+            return torch.vdot(u[p].flatten(), self._block_matvec(w, v, p).flatten()).abs()
 
 
 def operator_norm(layer, input_shape=None, mode="exact"):
