@@ -24,6 +24,7 @@ class TrialRecord:
     status: str
     outcome: str
     params: dict
+    searched: dict
     metrics: dict
     start_ms: int
     end_ms: int | None
@@ -85,7 +86,8 @@ def trials(mlflow, sweep: Sweep) -> list[TrialRecord]:
         if not token:
             break
     return [TrialRecord(sweep.name, r.info.run_id, r.data.tags.get(tracking.TRIAL_ID, ""), r.info.status,
-                        r.data.tags.get(tracking.OUTCOME, ""), dict(r.data.params), dict(r.data.metrics),
+                        r.data.tags.get(tracking.OUTCOME, ""), dict(r.data.params),
+                        json.loads(r.data.tags.get(tracking.SEARCHED, "{}")), dict(r.data.metrics),
                         r.info.start_time, r.info.end_time, r.data.tags.get(tracking.THREAT_MODEL, "none"))
             for r in runs]
 
@@ -146,12 +148,12 @@ def portable(value, out_dir: Path):
     return value
 
 
-def _numeric(values: list):
-    """Param strings as floats where every value of the column is a number."""
+def _column(values: list) -> list:
+    """Floats where every value of the column is a number, else text (lists as JSON)."""
     try:
         return [None if v is None else float(v) for v in values]
     except (TypeError, ValueError):
-        return values
+        return [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values]
 
 
 def write_parquet(records: list[TrialRecord], path: Path) -> None:
@@ -166,8 +168,10 @@ def write_parquet(records: list[TrialRecord], path: Path) -> None:
         "end_time": [r.end_ms / 1000 if r.end_ms else None for r in records],
         "duration_s": [r.duration_s for r in records],
     }
+    for key in sorted({k for r in records for k in r.searched}):
+        columns[f"search.{key}"] = _column([r.searched.get(key) for r in records])
     for key in sorted({k for r in records for k in r.params}):
-        columns[f"param.{key}"] = _numeric([r.params.get(key) for r in records])
+        columns[f"param.{key}"] = _column([r.params.get(key) for r in records])
     for key in sorted({k for r in records for k in r.metrics}):
         columns[f"metric.{key}"] = [r.metrics.get(key) for r in records]
     pq.write_table(pa.table(columns), path)
@@ -195,7 +199,7 @@ def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[Tria
     header = ["trial"] + sweep.search_keys + metrics
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in shown:
-        cells = [record.trial_id] + [record.params.get(k, "—") for k in sweep.search_keys]
+        cells = [record.trial_id] + [str(record.searched.get(k, "—")) for k in sweep.search_keys]
         for metric in metrics:
             value = _fmt(record.metrics[metric])
             if f"{metric}_ci95_low" in record.metrics:
@@ -223,7 +227,7 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
     if limit is not None:
         records = records[:limit]
     columns = ["sweep", "trial", "status", "outcome", *keys, *metrics]
-    rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.params.get(k) for k in keys),
+    rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.searched.get(k) for k in keys),
              *(r.metrics.get(m) for m in metrics)] for r in records]
     return columns, rows
 

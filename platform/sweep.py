@@ -241,7 +241,7 @@ def _report_end(echo, spec, context, sweep_dir, front, interrupted) -> int:
     echo(f"sweep {spec.name} done; {label}:")
     for record in front if len(spec.objectives) > 1 else front[:1]:
         values = ", ".join(f"{m}={record.metrics[m]:.4g}" for m in spec.metrics)
-        echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={record.params.get(k, '—')}" for k in spec.search))
+        echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={v}" for k, v in record.searched.items()))
     echo(f"look at it: specreg runs {spec.name} | specreg ui | specreg export {spec.name} --out DIR "
          f"(MLflow {context['mlflow_uri']})")
     return 0

@@ -33,6 +33,7 @@ ROLE = "specreg.role"            # sweep | trial | seed | train
 SWEEP = "specreg.sweep"
 TRIAL_ID = "specreg.trial_id"
 SEED = "specreg.seed"
+SEARCHED = "specreg.searched"   # a trial's searched values (JSON): only the keys whose conditions held
 OUTCOME = "specreg.outcome"      # finished | diverged | early_stopped | failed | killed
 ERROR = "specreg.error"
 THREAT_MODEL = "specreg.threat_model"

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -52,13 +53,14 @@ def run_trial(config: dict) -> None:
 
     context = config[CONTEXT]
     spec = SweepSpec.model_validate(context["spec"])
+    values = {key: spec.search[key].decode(raw) for key, raw in searched(config).items()}
     resolved = specreg.validate_config(spec.trial_config(searched(config)))
     torch.set_num_threads(max(1, int(context["cpus"])))
-    Trial(context, spec, resolved).run()
+    Trial(context, spec, resolved, values).run()
 
 
 class Trial:
-    def __init__(self, context: dict, spec: SweepSpec, resolved: dict):
+    def __init__(self, context: dict, spec: SweepSpec, resolved: dict, values: dict):
         self.context, self.spec, self.resolved = context, spec, resolved
         self.seeds = spec.seed_list(resolved)
         self.multi = len(self.seeds) > 1
@@ -72,7 +74,9 @@ class Trial:
         self.mlflow = tracking.client(context["mlflow_uri"])
         self.trial_id = tune.get_context().get_trial_id()
         self.config_run = self._open(self.trial_id, context["parent_run_id"], "trial", resolved,
-                              {tracking.TRIAL_ID: self.trial_id})
+                                     {tracking.TRIAL_ID: self.trial_id})
+        self.config_run.set_tags({tracking.SEARCHED: json.dumps(values),
+                                  "specreg.ray_node_id": ray.get_runtime_context().get_node_id()})
         params = dict(resolved)
         if self.multi:
             params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
