@@ -361,9 +361,12 @@ def check(spec: SweepSpec) -> dict:
                                    f"{spec.search[ref].values}")
             else:
                 try:
-                    get_dotted(base, ref)
+                    fixed = get_dotted(base, ref)
                 except KeyError:
                     raise BadInput(f"{where}.when: {ref!r} is neither searched nor a key of the config") from None
+                if fixed not in allowed:
+                    raise BadInput(f"{where}.when.{ref}: the config fixes it at {fixed!r}, which is never in "
+                                   f"{allowed}")
         if spec.sampler.name == "grid" and not param.finite:
             raise BadInput(f"{where}: sampler grid needs listed values (choice or grid), got {param.kind}")
         if param.kind == "grid" and spec.sampler.name != "grid":

@@ -1,0 +1,167 @@
+"""Search-space schema, define-by-run conditions, grids, Pareto fronts, intervals, burn-in keys, cluster.yaml."""
+import copy
+import random
+
+import numpy as np
+import optuna
+import pytest
+from scipy import stats
+
+from specreg_platform import burnin, results, tracking
+from specreg_platform.errors import BadInput
+from specreg_platform.space import SweepSpec, load_space
+
+from conftest import ROOT, SPACES, TINY_BASE, tiny_space, write_yaml
+
+
+@pytest.mark.parametrize("name", ["quickstart", "fashion_mnist_slp", "cifar10_resnet18", "ablation_placement"])
+def test_shipped_spaces_validate(name):
+    spec, base = load_space(SPACES / f"{name}.yaml")
+    assert spec.num_samples() >= 8
+    assert base["attack"] is not None
+
+
+def test_quickstart_is_small_and_offline():
+    spec, base = load_space(SPACES / "quickstart.yaml")
+    assert base["data"]["name"] == "digits" and base["model"]["name"] == "mlp"
+    assert spec.num_samples() == 8 and spec.resources.gpu == 0
+
+
+def test_ablation_is_placement_by_strength_by_three_seeds():
+    spec, _ = load_space(SPACES / "ablation_placement.yaml")
+    points = spec.grid_points()
+    assert len(points) == 12 == len({tuple(sorted(p.items())) for p in points})
+    assert {p["regularizer.placement"] for p in points} == {"upto:1", "upto:2", "feature", "all"}
+    assert spec.seeds == [0, 1, 2]
+
+
+def test_define_by_run_samples_a_key_only_where_its_condition_holds():
+    spec, _ = load_space(SPACES / "fashion_mnist_slp.yaml")
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(80):
+        trial = study.ask()
+        spec.define_by_run(trial)
+        params = trial.params
+        kind = params["regularizer.kind"]
+        assert ("regularizer.target_exponent" in params) == (kind == "spectral-decay")
+        assert ("regularizer.strength" in params) == (kind != "none")
+        assert ("regularizer.placement" in params) == (kind == "rep-spectral")
+        study.tell(trial, [random.random(), random.random()])
+    assert {t.params["regularizer.kind"] for t in study.trials} == {
+        "none", "rep-spectral", "all-layer-spectral", "spectral-decay"}
+
+
+def test_grid_leaves_out_inactive_keys_and_lists_travel_as_json(tmp_path):
+    space = tiny_space("grid", sampler={"name": "grid"}, samples=None, search={
+        "regularizer.kind": {"grid": ["none", "rep-spectral"]},
+        "regularizer.strength": {"grid": [0.01, 0.1], "when": {"regularizer.kind": ["rep-spectral"]}},
+        "model.widths": {"choice": [[16], [16, 16]]}})
+    spec, _ = load_space(write_yaml(tmp_path / "grid.yaml", space))
+    points = spec.grid_points()
+    assert len(points) == 2 * (1 + 2) == spec.num_samples()
+    assert all(("regularizer.strength" in p) == (p["regularizer.kind"] == "rep-spectral") for p in points)
+    config = spec.trial_config(points[-1])
+    assert config["model"]["widths"] in ([16], [16, 16]) and isinstance(points[-1]["model.widths"], str)
+
+
+def test_smoke_is_two_one_epoch_trials_with_a_tiny_attack():
+    spec, _ = load_space(SPACES / "ablation_placement.yaml", smoke=True)
+    assert spec.num_samples() == 2 and spec.seeds == [0] and spec.name == "ablation-placement-smoke"
+    assert spec.base["train"]["epochs"] == 1 and spec.base["attack"]["max_queries"] <= 200
+
+
+def _record(metrics: dict) -> results.TrialRecord:
+    return results.TrialRecord("s", "id", "t", "FINISHED", "finished", {}, {}, metrics, 0, 1, "m")
+
+
+def test_pareto_front_is_exactly_the_non_dominated_set():
+    rng = np.random.default_rng(0)
+    objectives = [{"metric": "a", "mode": "max"}, {"metric": "b", "mode": "min"}]
+    records = [_record({"a": float(a), "b": float(b)}) for a, b in rng.integers(0, 6, size=(60, 2))]
+    front = results.pareto(records, objectives)
+    for r in records:
+        dominated = any(o.metrics["a"] >= r.metrics["a"] and o.metrics["b"] <= r.metrics["b"]
+                        and (o.metrics["a"], o.metrics["b"]) != (r.metrics["a"], r.metrics["b"]) for o in records)
+        assert (r in front) == (not dominated)
+
+
+def test_mean_interval_is_the_t_interval():
+    values = [0.81, 0.84, 0.8]
+    mean, low, high = tracking.mean_interval(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and (low, high) == pytest.approx(expected)
+    assert tracking.mean_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_burnin_key_ignores_regularizer_and_attack_but_not_seed_or_length():
+    import specreg
+
+    base = specreg.validate_config({**TINY_BASE, "regularizer": {"kind": "rep-spectral", "burnin": 0.5}})
+    other = copy.deepcopy(base)
+    other["regularizer"].update(kind="spectral-decay", strength=0.3, placement="all", every=4)
+    other["attack"]["max_queries"] = 50
+    assert burnin.cache_key(base) == burnin.cache_key(other)
+    for key, value in [("train.seed", 1), ("regularizer.burnin", 0.0), ("train.lr", 0.2), ("train.epochs", 4)]:
+        changed = copy.deepcopy(base)
+        section, field = key.split(".")
+        changed[section][field] = value
+        assert burnin.cache_key(changed) != burnin.cache_key(base), key
+
+
+def test_cluster_yaml_passes_rays_own_schema(tmp_path):
+    import jsonschema
+    import yaml
+    from ray.autoscaler._private import util  # the private API `ray up` uses; the wrapper depends on it
+
+    from specreg_platform.cluster import validate_cluster_config
+
+    assert callable(util.prepare_config) and callable(util.validate_config)
+    prepared = validate_cluster_config(ROOT / "cluster.yaml")
+    assert prepared["available_node_types"]["gpu_worker"]["min_workers"] >= 1
+    assert any("mlflow server" in c for c in prepared["head_start_ray_commands"])
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["min_wrokers"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="min_wrokers"):
+        validate_cluster_config(write_yaml(tmp_path / "typo.yaml", config))
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"searchh": {}}, "searchh: unknown key"),
+    ({"search": {"train.lr": {"loguniform": [0.1, 0.01]}}}, "inverted range"),
+    ({"search": {"train.lr": {"loguniform": [0.0, 0.1]}}}, "bounds must be > 0"),
+    ({"search": {"train.lr": {"uniform": [0.01, 0.1], "choice": [1]}}}, "exactly one of"),
+    ({"search": {"regularizer.kind": {"choice": ["none", "spectral-magic"]}}}, "search.regularizer.kind"),
+    ({"search": {"regularizer.placement": {"choice": ["feature", "upto:7"]}}}, "search.regularizer.placement"),
+    ({"search": {"regularizer.strength": {"uniform": [-0.1, 0.1]}}}, "search.regularizer.strength"),
+    ({"search": {"train.lr": {"choice": [0.1], "when": {"regularizer.kind": ["rep"]}}}}, "never"),
+    ({"search": {"attack.max_queries": {"choice": [10, 20]}}}, "threat model"),
+    ({"search": {"train.nesterov": {"choice": [True]}}}, "search.train.nesterov: not a key"),
+    ({"objectives": [{"metric": "adv_acc_eps_3.0"}]}, "no trial reports 'adv_acc_eps_3.0'"),
+    ({"objectives": [{"metric": "clean_acc"}, {"metric": "adv_auc"}], "scheduler": {"name": "asha"}},
+     "asha needs a single objective"),
+    ({"scheduler": {"name": "asha"}, "objectives": [{"metric": "adv_auc"}]}, "only known at the end"),
+    ({"name": "../escape"}, "not a valid sweep name"),
+    ({"seeds": [0, 0]}, "distinct"),
+])
+def test_bad_spaces_name_the_key_and_fault(tmp_path, change, fragment):
+    space = tiny_space("bad")
+    space.update(change)
+    path = write_yaml(tmp_path / "bad.yaml", space)
+    with pytest.raises(BadInput) as error:
+        load_space(path)
+    assert fragment in str(error.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nbase: {data: {name: digits}\nsearch: {}\n")
+    with pytest.raises(BadInput, match=r"line \d+"):
+        load_space(path)
+
+
+def test_spec_survives_the_trip_to_a_trial_and_orders_conditions_first():
+    spec, _ = load_space(SPACES / "quickstart.yaml")
+    again = SweepSpec.model_validate(spec.model_dump(by_alias=True))
+    assert again == spec
+    assert again.order()[0] == "regularizer.kind"
