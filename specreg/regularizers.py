@@ -79,8 +79,7 @@ class RepSpectral(Regularizer):
         total = sum(norm() ** 2 for norm in self.norms)
         if self._preactivations:
             for module, z in self._preactivations:
-                z = z.detach().requires_grad_(True) if not z.requires_grad else z
-                slope, = torch.autograd.grad(module(z).sum(), z, create_graph=True)
+                slope, = torch.autograd.grad(module.forward(z).sum(), z, create_graph=True)  # forward(): no hooks
                 total = total + slope.pow(2).flatten(1).amax(dim=1).mean()
             self._preactivations.clear()
         return self.strength * total

@@ -130,7 +130,7 @@ def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        if start_epoch >= burnin_epochs:
+        if state["regularizer_active"]:  # the saved weights may be parametrized (spectral-norm)
             regularizer.activate(model)
             active = True
         model.load_state_dict(state["model"])
@@ -196,7 +196,7 @@ def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from
                 "epoch": epoch + 1, "step": step, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "regularizer": regularizer.state_dict(),
-                "regularizer_kind": reg_cfg["kind"], "torch_rng": torch.get_rng_state(),
+                "regularizer_kind": reg_cfg["kind"], "regularizer_active": active, "torch_rng": torch.get_rng_state(),
                 "batch_rng": batch_generator.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })
