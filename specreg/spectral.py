@@ -10,9 +10,9 @@ input (bias excluded): the weight matrix for `nn.Linear`, the convolution operat
   Cout × s²·Cin block per output frequency, Ŵ(f) = Σ_taps K[:, :, a, b]·exp(-2πi(f1·q_a/M + f2·q_b/N))
   with tap offset (a - pad) = s·q_a + phase. All blocks are iterated at once as a batch (half the
   frequencies suffice: Ŵ(-f) = conj Ŵ(f)); σ_max is the largest over blocks, and only the top block is
-  rebuilt with gradient, so the backward pass never touches the other frequencies.
-- "spatial": any other conv (zero padding, other sizes); power iteration with the layer's own
-  convolution and its adjoint (a vjp) on the real input shape.
+  rebuilt with gradient (a k×k phase sum), so the backward pass never goes through the kernel FFT.
+- "spatial": any other conv (zero padding, other sizes, dilation, groups); power iteration with the
+  layer's own convolution and its adjoint (a transposed conv, or a vjp) on the real input shape.
 
 The differentiable value is σ = |uᴴ A v| with the unit vectors u, v detached (dσ/dW = Re(u vᴴ) for a
 matrix, so dσ²/dW = 2σ u vᵀ).
@@ -60,10 +60,15 @@ def _power(matvec, rmatvec, v, steps, converge=False):
 
 
 def _axis_phases(n_freq, size, k, stride, pad, device):
-    """(n_freq, k, stride): the factor tap a contributes to stride phase r at frequency f on one axis."""
+    """(n_freq, k, phases): the factor tap a contributes to stride phase r at frequency f on one axis.
+
+    Only phases that some tap lands in are kept (their input columns would be zero: σ is unchanged).
+    """
     offset = torch.arange(k, device=device) - pad
-    angle = (-2 * math.pi / size) * (torch.arange(n_freq, device=device)[:, None] * offset.div(stride, rounding_mode="floor"))
-    return torch.polar(torch.ones_like(angle), angle)[:, :, None] * F.one_hot(offset % stride, stride)
+    shift = offset.div(stride, rounding_mode="floor")  # the tap's position on the subsampled grid
+    angle = (-2 * math.pi / size) * (torch.arange(n_freq, device=device)[:, None] * shift)
+    phase = F.one_hot(offset % stride, stride)[:, (offset % stride).unique()]
+    return torch.polar(torch.ones_like(angle), angle)[:, :, None] * phase
 
 
 def _fft_grid(layer, input_shape):
@@ -102,9 +107,8 @@ class OperatorNorm(nn.Module):
             if self.grid is None:
                 self.kind, v_shape = "spatial", (1, *self.input_shape)
             else:
-                M, N = self.grid
                 self.kind = "fft"  # v is complex, stored as (real, imag) pairs
-                v_shape = (M * (N // 2 + 1), layer.stride[0] * layer.stride[1], layer.in_channels, 2)
+                v_shape = (*self._phases("cpu").shape[:2], layer.in_channels, 2)
         v = torch.randn(v_shape, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("v", _unit(v)[0].to(weight.device))
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
@@ -124,14 +128,14 @@ class OperatorNorm(nn.Module):
         return lambda u: adjoint(u)[0]
 
     def _phases(self, device):
-        """(P, s², k²) complex: the factor of each kernel tap in each stride phase of each frequency block."""
+        """(P, phases, k²) complex: the factor of each kernel tap in each stride phase of each frequency block."""
         (M, N), (kh, kw), (sh, sw), (ph, pw) = self.grid, self.layer.kernel_size, self.layer.stride, self.layer.padding
         eh = _axis_phases(M, M, kh, sh, ph, device)
         ew = _axis_phases(N // 2 + 1, N, kw, sw, pw, device)
-        return torch.einsum("fax,gby->fgxyab", eh, ew).reshape(M * (N // 2 + 1), sh * sw, kh * kw)
+        return torch.einsum("fax,gby->fgxyab", eh, ew).reshape(M * (N // 2 + 1), eh.shape[2] * ew.shape[2], kh * kw)
 
     def _blocks(self, w, phases):
-        """The Fourier blocks (P, s², Cout, Cin) from the kernel taps (phases may be a single block)."""
+        """The Fourier blocks (P, phases, Cout, Cin) from the kernel taps (phases may be a single block's)."""
         taps = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0] * w.shape[1]).to(phases.dtype)
         return (phases @ taps).view(*phases.shape[:-1], *w.shape[:2])
 
