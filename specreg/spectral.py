@@ -113,6 +113,9 @@ class OperatorNorm(nn.Module):
         self.register_buffer("v", _unit(v)[0].to(weight.device))
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
 
+    def extra_repr(self):
+        return f"kind={self.kind}, n_power_iterations={self.n_power_iterations}"
+
     def _conv(self, x, w):
         return self.layer._conv_forward(x, w, None)
 
@@ -162,7 +165,7 @@ class OperatorNorm(nn.Module):
                 v = self.v.to(w.device, torch.float32)
                 v = torch.view_as_complex(v) if self.kind == "fft" else v
                 cold = not bool(self.initialized)
-                steps = COLD_MAX_STEPS if cold else self.n_power_iterations * update
+                steps = COLD_MAX_STEPS if cold else self.n_power_iterations if update else 0
                 u, v, sigma = _power(*self._operator(w.detach()), v, steps, converge=cold)
                 if steps:
                     self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
