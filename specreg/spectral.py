@@ -157,16 +157,18 @@ class OperatorNorm(nn.Module):
         block = w.reshape(1, w.shape[0], -1) if self.kind == "matrix" else self._blocks(w, self._phases(w.device)[p])
         return (block @ v[p][..., None]).sum(0)
 
-    def forward(self, update=True):
+    def forward(self, update=True, converge=False):
+        """σ_max after `n_power_iterations` warm steps (update=True), none (False), or, with converge=True,
+        as many as convergence needs (as on the first, cold call), starting from the warm state."""
         weight = self.layer.weight
         with torch.autocast(weight.device.type, enabled=False):
             w = weight.float()
             with torch.no_grad():
                 v = self.v.to(w.device, torch.float32)
                 v = torch.view_as_complex(v) if self.kind == "fft" else v
-                cold = not bool(self.initialized)
-                steps = COLD_MAX_STEPS if cold else self.n_power_iterations if update else 0
-                u, v, sigma = _power(*self._operator(w.detach()), v, steps, converge=cold)
+                converge = converge or not bool(self.initialized)
+                steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
+                u, v, sigma = _power(*self._operator(w.detach()), v, steps, converge=converge)
                 if steps:
                     self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
                     self.initialized.fill_(True)

@@ -63,8 +63,10 @@ def test_shared_burnin_prefix_equals_training_from_scratch(tmp_path, kind):
     prefix = config("none", epochs=4)
     specreg.run_experiment(prefix, checkpoint_dir=tmp_path, stop_after_epochs=2)
     cached = specreg.run_experiment(cfg, resume_from=tmp_path)
-    for key in ("train_loss", "test_acc", "sigma/features.2", "reg_penalty"):
+    for key in ("train_loss", "test_acc", "reg_penalty"):
         assert cached[key] == scratch[key], key
+    # logged norms are warm-started from different histories: equal to power-iteration accuracy
+    assert cached["sigma/features.2"] == pytest.approx(scratch["sigma/features.2"], rel=1e-5)
 
 
 def test_checkpoints_hold_plain_tensors_only(tmp_path):
