@@ -1,10 +1,11 @@
 """The experiment config: pydantic models that name the bad key and value on every error."""
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import placement as placement_mod
 
+TASKS = ("supervised", "ssl", "transfer")
 REGULARIZER_KINDS = ("none", "rep-spectral", "all-layer-spectral", "spectral-decay", "spectral-norm", "jacobian")
 ATTACK_NAMES = ("tangent", "hsja", "boundary-search")
 # Input shapes of the named datasets, so a placement can be checked against the model before any data loads.
@@ -64,6 +65,7 @@ class RegularizerSpec(Strict):
     target_exponent: float = Field(1.0, gt=0)
     tau: int = Field(10, ge=1)
     conv_mode: Literal["exact", "reshape"] = "exact"
+    stage: Optional[Literal["source", "target", "both"]] = None  # transfer only (default: source)
     activation_term: bool = False  # rep-spectral on MLPs: add the bound's activation-derivative term
     projections: int = Field(1, ge=1)  # jacobian: random projections per step
     refresh_samples: int = Field(2048, ge=2)  # spectral-decay: sample size for the per-epoch eigenbasis
@@ -92,13 +94,63 @@ class AttackSpec(BaseModel):
         return sorted(value)
 
 
+class AugmentSpec(Strict):
+    """SSL views; a key left out keeps the dataset's default (see specreg.ssl.default_augment)."""
+    crop: Optional[float] = Field(None, gt=0, le=1)  # smallest crop area (fraction of the image); 1: no crop
+    flip: Optional[bool] = None  # random horizontal flip
+    jitter: Optional[float] = Field(None, ge=0, lt=1)  # brightness / contrast / saturation factor range
+    grayscale: Optional[float] = Field(None, ge=0, le=1)  # probability (RGB only)
+    noise: Optional[float] = Field(None, ge=0)  # std of additive Gaussian pixel noise
+
+
+class SSLSpec(Strict):
+    method: Literal["barlow", "simclr"]
+    projector: list[int] = Field(default_factory=lambda: [512, 128], min_length=1)
+    temperature: float = Field(0.5, gt=0)  # simclr
+    offdiag_weight: float = Field(5e-3, ge=0)  # barlow
+    augment: Union[Literal["default", "none"], AugmentSpec] = "default"
+
+    @field_validator("projector")
+    @classmethod
+    def _dims(cls, value):
+        if any(d < 1 for d in value):
+            raise ValueError(f"every projector width must be >= 1, got {value}")
+        return value
+
+
+class ProbeSpec(Strict):
+    """The linear readout trained on frozen features (Adam, cosine schedule)."""
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    batch_size: int = Field(256, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class SourceSpec(Strict):
+    data: DataSpec
+    epochs: int = Field(ge=1)
+
+
+class TransferSpec(Strict):
+    mode: Literal["probe", "finetune"] = "probe"
+    l2sp: float = Field(0.0, ge=0)  # finetune: strength/2 · ||w - w_source||² over the encoder (Li et al. 2018)
+
+
+# The sections each task reads beyond data/model/train/regularizer/attack; the others must be absent.
+TASK_SECTIONS = {"supervised": (), "ssl": ("ssl", "probe"), "transfer": ("source", "transfer", "probe")}
+
+
 class ExperimentConfig(Strict):
-    task: Literal["supervised"] = "supervised"
+    task: Literal[TASKS] = "supervised"
     data: DataSpec
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
     attack: Optional[AttackSpec] = None
+    ssl: Optional[SSLSpec] = None
+    probe: Optional[ProbeSpec] = None
+    source: Optional[SourceSpec] = None
+    transfer: Optional[TransferSpec] = None
 
     @model_validator(mode="after")
     def _strength_needed(self):
@@ -107,6 +159,41 @@ class ExperimentConfig(Strict):
             reg.placement = "all"
         elif reg.placement is None:
             reg.placement = "feature"
+        return self
+
+    @model_validator(mode="after")
+    def _task_sections(self):
+        wanted = TASK_SECTIONS[self.task]
+        for section in ("ssl", "probe", "source", "transfer"):
+            if getattr(self, section) is not None and section not in wanted:
+                raise ValueError(f"{section}: not used by task {self.task!r}")
+        if self.task == "ssl" and self.ssl is None:
+            raise ValueError("ssl: required for task 'ssl' (at least {method: barlow | simclr})")
+        if self.task == "transfer" and self.source is None:
+            raise ValueError("source: required for task 'transfer' ({data: {...}, epochs: N})")
+        if "probe" in wanted and self.probe is None:
+            self.probe = ProbeSpec()
+        if self.task == "transfer" and self.transfer is None:
+            self.transfer = TransferSpec()
+        return self
+
+    @model_validator(mode="after")
+    def _stage(self):
+        reg = self.regularizer
+        if self.task != "transfer":
+            if reg.stage is not None:
+                raise ValueError(f"regularizer.stage: only for task 'transfer' (got {reg.stage!r})")
+            if self.task == "ssl" and reg.kind == "all-layer-spectral":
+                raise ValueError("regularizer.kind: all-layer-spectral regularizes the readout, which "
+                                 "task 'ssl' does not train; use rep-spectral")
+            return self
+        reg.stage = reg.stage or "source"
+        if reg.kind == "spectral-norm":
+            raise ValueError("regularizer.kind: spectral-norm reparametrizes layers for the rest of the run "
+                             "and cannot be confined to one stage of task 'transfer'")
+        if reg.stage != "source" and self.transfer.mode == "probe":
+            raise ValueError(f"regularizer.stage: {reg.stage!r} regularizes the target phase, but "
+                             "transfer.mode 'probe' freezes the encoder there; use source")
         return self
 
 
@@ -133,10 +220,45 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as error:
         raise ConfigError(_format(error)) from None
     out = resolved.model_dump()
+    for section in ("ssl", "probe", "source", "transfer"):  # absent, not null, where the task does not use them
+        if out[section] is None:
+            del out[section]
+    if out["regularizer"]["stage"] is None:
+        del out["regularizer"]["stage"]
     shape = KNOWN_INPUT_SHAPES.get(out["data"]["name"])
     if shape is not None:
         check_model(out, shape, KNOWN_NUM_CLASSES.get(out["data"]["name"], 10))
+    if out["task"] == "transfer":
+        check_shapes(shape, KNOWN_INPUT_SHAPES.get(out["source"]["data"]["name"]))
     return out
+
+
+def check_shapes(target, source) -> None:
+    """Transfer needs one input shape for both tasks (None: not known before loading)."""
+    if target is not None and source is not None and tuple(target) != tuple(source):
+        raise ConfigError(f"source.data: input shape {tuple(source)} differs from the target data's "
+                          f"{tuple(target)}")
+
+
+def phase_epochs(config: dict) -> dict[str, int]:
+    """The phases a resolved config trains, in order, with their epochs (run_experiment's epoch count
+    runs across them)."""
+    if config["task"] == "supervised":
+        return {"train": config["train"]["epochs"]}
+    if config["task"] == "ssl":
+        return {"pretrain": config["train"]["epochs"], "probe": config["probe"]["epochs"]}
+    target = config["transfer"]["mode"]
+    epochs = config["probe"]["epochs"] if target == "probe" else config["train"]["epochs"]
+    return {"pretrain": config["source"]["epochs"], target: epochs}
+
+
+def penalty_start(config: dict) -> int:
+    """The epoch (counted across phases) after which the penalty applies: the burn-in's end. For task
+    transfer the burn-in is a fraction of the first regularized stage."""
+    reg = config["regularizer"]
+    phases = list(phase_epochs(config).items())
+    first = 1 if config["task"] == "transfer" and reg["stage"] == "target" else 0
+    return sum(epochs for _, epochs in phases[:first]) + round(reg["burnin"] * phases[first][1])
 
 
 def check_model(config: dict, input_shape, num_classes: int) -> None:
@@ -153,7 +275,12 @@ def check_model(config: dict, input_shape, num_classes: int) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     model = model.to_empty(device="cpu")
+    placement = config["regularizer"]["placement"]
     try:
-        placement_mod.resolve(model, config["regularizer"]["placement"])
+        names = placement_mod.resolve(model, placement)
     except placement_mod.PlacementError as error:
         raise ConfigError(f"regularizer.placement: {error}") from None
+    encoder_only = config["task"] == "ssl" or config["regularizer"].get("stage") == "both"
+    if encoder_only and not all(name.startswith("features.") for name in names):
+        raise ConfigError(f"regularizer.placement: {placement!r} reaches the readout; the regularizer of "
+                          "task ssl (and of transfer stage both) acts on the encoder only")

@@ -1,0 +1,43 @@
+"""Readouts of a frozen encoder: features computed once, a linear probe trained on them, kNN accuracy."""
+import torch
+import torch.nn.functional as F
+
+from .loop import EVAL_BATCH, Phase, accuracy, classification_loss
+
+KNN_K = 20
+
+
+@torch.no_grad()
+def encode(model, x) -> torch.Tensor:
+    """`model.features` of every input, in eval mode, as float32."""
+    was_training = model.training
+    model.eval()
+    features = torch.cat([model.features(x[i:i + EVAL_BATCH]).float() for i in range(0, len(x), EVAL_BATCH)])
+    model.train(was_training)
+    return features
+
+
+@torch.no_grad()
+def knn_accuracy(model, data, k: int = KNN_K) -> float:
+    """Test accuracy of a majority vote among the k training examples nearest in cosine similarity."""
+    bank = F.normalize(encode(model, data.x_train), dim=1)
+    queries = F.normalize(encode(model, data.x_test), dim=1)
+    correct = 0
+    for i in range(0, len(queries), EVAL_BATCH):
+        nearest = (queries[i:i + EVAL_BATCH] @ bank.T).topk(min(k, len(bank)), dim=1).indices
+        votes = F.one_hot(data.y_train[nearest], data.num_classes).sum(1)
+        correct += int((votes.argmax(1) == data.y_test[i:i + EVAL_BATCH]).sum())
+    return correct / len(queries)
+
+
+def probe_phase(config: dict, model, data) -> Phase:
+    """Train `model.head` on frozen features of `data` (computed here, once) with the `probe` settings."""
+    train_features, test_features = encode(model, data.x_train), encode(model, data.x_test)
+    probe = config["probe"]
+    settings = {**config["train"], **probe, "optimizer": "adam", "schedule": "cosine", "amp": False}
+
+    def evaluate():
+        return {"probe/test_acc": accuracy(model.head, test_features, data.y_test)}
+
+    return Phase("probe", model.head, classification_loss(model.head), train_features, data.y_train,
+                 probe["epochs"], settings, evaluate)
