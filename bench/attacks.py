@@ -1,0 +1,209 @@
+"""Benchmark: our batched hsja / tangent against ART's HopSkipJump at equal query budgets.
+
+Trains three models in-script (an MLP on scikit-learn digits; on Fashion-MNIST an MLP 784-256-10 and the
+paper's SLP, one hidden layer of 2000 GELU units), attacks the same correctly classified test points with
+ART and with ours, and prints markdown tables for docs/benchmarks_attacks.md.
+
+ART (the optional `bench` extra) attacks one point at a time and leaves its output off the boundary, so
+its distances are reported raw and after a final binary search toward the input (the fair comparison;
+those extra queries are not charged to ART). Its budget is max_iter-driven: we count the rows it feeds
+the model and give our attacks that many queries per point. ART's PyTorchClassifier feeds float64 under
+NumPy 2, so the model is wrapped to cast to float32.
+
+    python bench/attacks.py [--art-points 50] [--points 200] [--threads 2]
+"""
+import argparse
+import gzip
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from specreg import attacks, models
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+class Counted(nn.Module):
+    """Casts to float32 (ART under NumPy 2 sends float64) and counts the rows fed to the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.model(x.float())
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    import art
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"numpy {np.__version__}, ART {art.__version__}, Python {platform.python_version()}")
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def idx(name):
+    with gzip.open(f"{FASHION}/{name}.gz") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def fashion():
+    images = {split: idx(f"{split}-images-idx3-ubyte").float().div(255).unsqueeze(1) for split in ("train", "t10k")}
+    labels = {split: idx(f"{split}-labels-idx1-ubyte").long() for split in ("train", "t10k")}
+    return images["train"], labels["train"], images["t10k"], labels["t10k"]
+
+
+def train(model, x, y, epochs, lr=1e-3, batch=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x), generator=gen).split(batch):
+            loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def refine(model, x, adv, y, steps=25):
+    """Binary search from each adversarial point toward its input (ART's output is not on the boundary)."""
+    ok = model(adv).argmax(1) != y
+    lo, hi = torch.zeros(len(x)), torch.ones(len(x))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        fooled = model(torch.lerp(x, adv, mid.view(-1, *[1] * (x.dim() - 1)))).argmax(1) != y
+        hi, lo = torch.where(fooled, mid, hi), torch.where(fooled, lo, mid)
+    out = torch.lerp(x, adv, hi.view(-1, *[1] * (x.dim() - 1)))
+    dist = (out - x).flatten(1).norm(dim=1).double()
+    return torch.where(ok, dist, torch.inf), ok
+
+
+def art_hsja(model, x, y, max_iter, seed=0):
+    """ART HopSkipJump on every point; returns raw and refined distances, queries per point, seconds."""
+    from art.attacks.evasion import HopSkipJump
+    from art.estimators.classification import PyTorchClassifier
+
+    counted = Counted(model)
+    clf = PyTorchClassifier(counted, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                            nb_classes=10, clip_values=(0.0, 1.0))
+    attack = HopSkipJump(clf, targeted=False, norm=2, max_iter=max_iter, max_eval=10_000, init_eval=100,
+                         init_size=100, verbose=False)
+    np.random.seed(seed)
+    start = time.perf_counter()
+    adv = attack.generate(x.numpy(), y=np.eye(10)[y.numpy()])
+    seconds = time.perf_counter() - start
+    # rows: one prediction of each input, the attack, then compute_success's 2 rows per point (not attack work)
+    queries = (counted.rows - 2 * len(x)) / len(x)
+    adv = torch.from_numpy(adv).float()
+    with torch.no_grad():
+        ok = model(adv).argmax(1) != y
+        raw = torch.where(ok, (adv - x).flatten(1).norm(dim=1).double(), torch.inf)
+        fair, _ = refine(model, x, adv, y)
+    return raw, fair, queries, seconds
+
+
+def ours(model, x, y, name, budget):
+    start = time.perf_counter()
+    result = attacks.run(model, x, y, name, budget, progress=False)
+    return result, time.perf_counter() - start
+
+
+def correct_points(model, x, y, n):
+    with torch.no_grad():
+        keep = (model(x).argmax(1) == y).nonzero().squeeze(1)[:n]
+    return x[keep], y[keep]
+
+
+def median(d):
+    return float(torch.median(d))
+
+
+def compare(title, model, x_test, y_test, art_points, points, max_iter):
+    """One model: ART vs ours on the same points and budget; ours alone on `points` points."""
+    x, y = correct_points(model, x_test, y_test, points)
+    xa, ya = x[:art_points], y[:art_points]
+    raw, fair, art_q, art_s = art_hsja(model, xa, ya, max_iter)
+    budget = int(art_q)
+    rows = [f"| {title} | ART HopSkipJump (max_iter={max_iter}) | {art_points} | {art_q:.0f} | "
+            f"{median(raw):.4f} / {median(fair):.4f} | 1.00 | {torch.isfinite(fair).float().mean():.0%} | "
+            f"{art_s:.2f} ({1000 * art_s / art_points:.1f}) | 1 |"]
+    for name in ("hsja", "tangent"):
+        res, s = ours(model, xa, ya, name, budget)
+        full, s_full = ours(model, x, y, name, budget)
+        d = res.distances
+        rows.append(
+            f"| {title} | ours {name} | {art_points} | {res.queries.double().mean():.0f} | {median(d):.4f} | "
+            f"{median(d) / median(fair):.3f} | {torch.isfinite(d).float().mean():.0%} | "
+            f"{s:.2f} ({1000 * s / art_points:.1f}) | {art_s / s:.1f} |")
+        rows.append(
+            f"| {title} | ours {name} | {points} | {full.queries.double().mean():.0f} | "
+            f"{median(full.distances):.4f} | – | {torch.isfinite(full.distances).float().mean():.0%} | "
+            f"{s_full:.2f} ({1000 * s_full / points:.1f}) | {(art_s / art_points) / (s_full / points):.1f} |")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--art-points", type=int, default=50)
+    parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-iter", type=int, default=10, help="ART HopSkipJump iterations")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}\n")
+
+    rows = []
+    x, y, xt, yt = digits()
+    start = time.perf_counter()
+    mlp = train(models.build({"name": "mlp", "widths": [256]}, (1, 8, 8), 10), x, y, epochs=30)
+    print(f"digits MLP 64-256-10: {time.perf_counter() - start:.1f}s to train, "
+          f"test acc {(mlp(xt).argmax(1) == yt).float().mean():.3f}")
+    rows += compare("digits MLP", mlp, xt, yt, args.art_points, args.points, args.max_iter)
+
+    x, y, xt, yt = fashion()
+    for title, spec, epochs in (("F-MNIST MLP", {"name": "mlp", "widths": [256]}, 3),
+                                ("F-MNIST SLP-2000", {"name": "slp", "width": 2000, "activation": "gelu"}, 3)):
+        start = time.perf_counter()
+        model = train(models.build(spec, (1, 28, 28), 10), x, y, epochs=epochs)
+        with torch.no_grad():
+            acc = torch.cat([model(xs).argmax(1) for xs in xt.split(2000)]).eq(yt).float().mean()
+        print(f"{title}: {time.perf_counter() - start:.1f}s to train, test acc {acc:.3f}")
+        rows += compare(title, model, xt, yt, args.art_points // 2, args.points, args.max_iter)
+
+    print("\n| model | attack | points | queries/point | median L2 (ART: raw / refined) | median ÷ ART refined "
+          "| success | seconds (ms/point) | speed-up vs ART per point |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+    print("\nCPU-budget line: 200 Fashion-MNIST test points, 1000 queries each, SLP-2000")
+    for name in ("tangent", "hsja"):
+        res, s = ours(model, xt[:200], yt[:200], name, 1000)
+        print(f"- {name}: {s:.1f}s, median {median(res.distances):.4f}, "
+              f"queries/point {res.queries.double().mean():.0f}, inf {int(torch.isinf(res.distances).sum())}")
+    print(f"\ntotal {time.perf_counter() - began:.0f}s; load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
