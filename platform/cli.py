@@ -210,5 +210,54 @@ def ui(
         raise typer.Exit(0) from None
 
 
+class ReportFormat(str, Enum):
+    html = "html"
+    md = "md"
+
+
+@app.command()
+@exits
+def report(
+    name: str = typer.Argument(..., help="Sweep name."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report (default: ./report-NAME)."),
+    format: ReportFormat = typer.Option(ReportFormat.html, "--format",
+                                        help="html (one file, figures embedded) or md (figures/ beside it)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="The radius of the clean-versus-robust view "
+                                                            "(default: the first robust objective's)."),
+    mlflow: Optional[str] = _mlflow_option(),
+):
+    """Write a sweep's report (figures and tables) and log its figures to the sweep's MLflow run."""
+    from .report import write_report
+
+    written = write_report(_client(mlflow), name, out or Path(f"report-{name}"), format.value, eps)
+    typer.echo(f"{written['report']} ({len(written['figures'])} figures; also logged to the sweep's MLflow run)")
+
+
+@app.command()
+@exits
+def confirm(
+    name: str = typer.Argument(..., help="Sweep name."),
+    top: int = typer.Option(1, "--top", help="Configs to re-run (per --per group; with several objectives, "
+                                             "at most this many of the Pareto set)."),
+    seeds: int = typer.Option(3, "--seeds", help="Fresh seeds per config."),
+    per: Optional[str] = typer.Option(None, "--per", help="Choose the top configs within each value of this "
+                                                          "param (e.g. regularizer.kind)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="Rank by this metric alone."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="max or min for --objective."),
+    mlflow: Optional[str] = _mlflow_option(),
+    storage: Path = _storage_option(),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: local)."),
+):
+    """Re-run a sweep's best configs with fresh seeds as a child sweep; export then prefers their means."""
+    from .confirm import run_confirm
+
+    if mode not in (None, "max", "min"):
+        raise BadInput(f"--mode: must be max or min, got {mode!r}")
+    raise typer.Exit(run_confirm(name, top=top, seeds=seeds, per=per, objective=objective, mode=mode,
+                                 mlflow_uri=mlflow, storage=storage, max_concurrent=max_concurrent, address=address,
+                                 echo=lambda text: Console().print(text, highlight=False, soft_wrap=True)))
+
+
 def main() -> None:
     app()

@@ -1,0 +1,239 @@
+"""Matplotlib figures (Agg backend) for sweep reports and per-trial artifacts: one figure per question.
+
+Every function takes plain numbers (no MLflow), returns a `Figure`, and labels its axes with units:
+accuracies in percent, distances and radii as L2 norms in pixel units (pixels scaled to [0, 1]).
+"""
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+KINDS = ("none", "rep-spectral", "all-layer-spectral", "spectral-decay", "spectral-norm", "jacobian")
+DISTANCE = "L2 distance (pixels in [0, 1])"
+RADIUS = "ε, L2 radius (pixels in [0, 1])"
+
+
+def color(label: str) -> str:
+    """A fixed colour per regularizer kind (other labels hashed onto the same palette)."""
+    palette = plt.get_cmap("tab10").colors
+    index = KINDS.index(label) if label in KINDS else sum(map(ord, label)) % len(palette)
+    return matplotlib.colors.to_hex(palette[index % len(palette)])
+
+
+def png(figure: Figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, frameon=False)
+
+
+def robust_curves(curves: dict[str, dict]) -> Figure:
+    """Robust accuracy versus ε, one curve per label: {"eps": [...], "mean": [...], "low"/"high": [...]}.
+
+    low/high (optional) are drawn as a band: the spread over seeds.
+    """
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        eps, mean = np.asarray(curve["eps"]), 100 * np.asarray(curve["mean"])
+        ax.plot(eps, mean, marker="o", color=color(label), label=label)
+        if curve.get("low") is not None:
+            ax.fill_between(eps, 100 * np.asarray(curve["low"]), 100 * np.asarray(curve["high"]),
+                            color=color(label), alpha=0.2, linewidth=0)
+    ax.set(xlabel=RADIUS, ylabel="robust accuracy (%)", ylim=(0, 100),
+           title="Robust accuracy under the black-box attack, best trial per kind")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return figure
+
+
+def tradeoff(points: list[dict], front: list[tuple[float, float]], robust_label: str) -> Figure:
+    """Clean versus robust accuracy for every trial, coloured by kind, with the Pareto front.
+
+    points: {"kind", "clean", "robust"} and optional {"clean_err", "robust_err"} (2×1 lower/upper half-widths).
+    """
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    for kind in dict.fromkeys(p["kind"] for p in points):
+        mine = [p for p in points if p["kind"] == kind]
+        x = 100 * np.array([p["clean"] for p in mine])
+        y = 100 * np.array([p["robust"] for p in mine])
+        if all("clean_err" in p for p in mine):
+            ax.errorbar(x, y, xerr=100 * np.array([p["clean_err"] for p in mine]).T,
+                        yerr=100 * np.array([p["robust_err"] for p in mine]).T, fmt="none",
+                        ecolor=color(kind), alpha=0.5, linewidth=1)
+        ax.scatter(x, y, color=color(kind), label=kind, s=30, zorder=3)
+    if front:
+        xs, ys = zip(*sorted(front))
+        ax.step(100 * np.array(xs), 100 * np.array(ys), where="post", color="black", linewidth=1,
+                linestyle="--", label="Pareto front", zorder=2)
+        ax.scatter(100 * np.array(xs), 100 * np.array(ys), facecolors="none", edgecolors="black", s=90, zorder=4)
+    ax.set(xlabel="clean accuracy (%)", ylabel=f"{robust_label} (%)",
+           title="Clean versus robust accuracy, every finished trial")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return figure
+
+
+def objective_panels(objectives: list[str], panels: list[dict]) -> Figure:
+    """Each objective (rows) against each searched setting (columns).
+
+    panels: {"title", "xlabel", "log" (bool), "categorical" (bool), "points": [(kind, x, {objective: y})],
+    "baseline": {objective: y} (the unregularized trial, drawn as a dashed line) or None}.
+    """
+    rows, cols = len(objectives), len(panels)
+    figure, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for col, panel in enumerate(panels):
+        categories = list(dict.fromkeys(str(x) for _, x, _ in panel["points"])) if panel["categorical"] else []
+        for row, objective in enumerate(objectives):
+            ax = axes[row][col]
+            for kind in dict.fromkeys(k for k, _, _ in panel["points"]):
+                mine = [(x, values[objective]) for k, x, values in panel["points"] if k == kind]
+                xs = [categories.index(str(x)) for x, _ in mine] if panel["categorical"] else [x for x, _ in mine]
+                ax.scatter(xs, [percent(objective, y) for _, y in mine], color=color(kind), label=kind, s=25)
+            if panel.get("baseline") and objective in panel["baseline"]:
+                ax.axhline(percent(objective, panel["baseline"][objective]), color=color("none"),
+                           linestyle="--", linewidth=1, label="none")
+            if panel["log"]:
+                ax.set_xscale("log")
+            if panel["categorical"]:
+                ax.set_xticks(range(len(categories)), categories)
+                ax.set_xlim(-0.5, len(categories) - 0.5)
+            ax.set(xlabel=panel["xlabel"], ylabel=axis_label(objective))
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(panel["title"], fontsize=10)
+                _legend(ax)
+    figure.suptitle("Objectives versus the searched settings")
+    figure.tight_layout()
+    return figure
+
+
+def structure(points: list[dict], robust_label: str, correlations: dict[str, tuple[float, float, int]]) -> Figure:
+    """Robustness versus α̂ and versus Σσ² up to the feature layer, with Spearman's ρ in each title.
+
+    points: {"kind", "alpha_hat", "sigma_sq_sum", "robust"}; correlations: {key: (rho, p, n)}.
+    """
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label, log in ((axes[0], "alpha_hat", "fitted spectral exponent α̂ (unitless)", False),
+                                (axes[1], "sigma_sq_sum", "Σσ²_max up to the feature layer (unitless)", True)):
+        for kind in dict.fromkeys(p["kind"] for p in points):
+            mine = [p for p in points if p["kind"] == kind and _finite(p.get(key))]
+            ax.scatter([p[key] for p in mine], [100 * p["robust"] for p in mine], color=color(kind), label=kind, s=25)
+        rho, p, n = correlations.get(key, (math.nan, math.nan, 0))
+        ax.set_title(f"Spearman ρ = {rho:.2f} (p = {p:.2g}, n = {n})" if n >= 3 else f"too few trials (n = {n})",
+                     fontsize=10)
+        if log:
+            ax.set_xscale("log")
+        ax.set(xlabel=label, ylabel=f"{robust_label} (%)")
+        ax.grid(alpha=0.3)
+    _legend(axes[0])
+    figure.suptitle("How the representation's structure relates to robustness, all trials")
+    figure.tight_layout()
+    return figure
+
+
+def spectra(series: dict[str, list[float]]) -> Figure:
+    """Eigenvalues of the feature covariance against their rank, log–log, one line per label."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for label, eigenvalues in series.items():
+        values = np.asarray(eigenvalues, dtype=float)
+        values = values[values > 0]
+        ax.loglog(np.arange(1, len(values) + 1), values, color=color(label), label=label)
+    ax.set(xlabel="rank n", ylabel="eigenvalue λ_n (feature units²)",
+           title="Feature covariance eigenspectrum (test inputs)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    return figure
+
+
+def distance_histograms(series: dict[str, np.ndarray], eps: list[float]) -> Figure:
+    """Minimal adversarial L2 distances per label (0 = misclassified, inf = no start point, left out)."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    finite = [np.asarray(d, dtype=float)[np.isfinite(d)] for d in series.values()]
+    top = max([float(d.max()) for d in finite if len(d)] + [max(eps, default=1.0)])
+    bins = np.linspace(0, top * 1.02, 31)
+    for (label, distances), values in zip(series.items(), finite):
+        missing = len(distances) - len(values)
+        note = f" ({missing} without a start point)" if missing else ""
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.5, color=color(label), label=f"{label}{note}")
+    for radius in eps:
+        ax.axvline(radius, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel=f"minimal adversarial {DISTANCE}", ylabel="attacked test points",
+           title="Adversarial distances (dotted: the ε of the robust accuracies)")
+    _legend(ax)
+    return figure
+
+
+def importances(values: dict[str, float], objective: str) -> Figure:
+    """fANOVA importance of each searched parameter for one objective (fractions of the variance)."""
+    figure, ax = plt.subplots(figsize=(6, 0.5 * len(values) + 1.5))
+    names = list(values)[::-1]
+    ax.barh(names, [100 * values[n] for n in names], color="#4c72b0")
+    ax.set(xlabel=f"share of the variance of {objective} (%)", xlim=(0, 100),
+           title="Parameter importance (Optuna fANOVA)")
+    ax.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def paired_differences(by_metric: dict[str, list[dict]]) -> Figure:
+    """Forest plots of paired differences between arms, one panel per metric.
+
+    rows: {"label", "mean", "low", "high", "p_holm"}; black where the Holm-corrected p is below 0.05.
+    """
+    panels = {m: rows for m, rows in by_metric.items() if rows}
+    height = 0.45 * max(len(rows) for rows in panels.values()) + 1.6
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
+    for ax, (metric, rows) in zip(axes[0], panels.items()):
+        for y, row in enumerate(rows):
+            significant = math.isfinite(row["p_holm"]) and row["p_holm"] < 0.05
+            ax.errorbar([percent(metric, row["mean"])], [y],
+                        xerr=[[percent(metric, row["mean"] - row["low"])], [percent(metric, row["high"] - row["mean"])]],
+                        fmt="o", color="black" if significant else "grey", capsize=3)
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_yticks(range(len(rows)), [f"{r['label']}  (p_Holm {r['p_holm']:.2g})" for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"difference in {axis_label(metric)}")
+        ax.grid(alpha=0.3, axis="x")
+    figure.suptitle("Paired differences between arms sharing seeds (mean, 95% bootstrap interval)")
+    figure.tight_layout()
+    return figure
+
+
+def trial_figures(result: dict, eps: list[float]) -> dict[str, bytes]:
+    """A finished trial's spectrum and distance-histogram figures as PNG artifacts (what it has of them)."""
+    files = {}
+    if result.get("spectrum") is not None:
+        files["spectrum.png"] = png(spectra({"this trial": result["spectrum"]}))
+    if result.get("distances") is not None:
+        files["distances.png"] = png(distance_histograms({"this trial": np.asarray(result["distances"])}, eps))
+    return files
+
+
+def is_accuracy(metric: str) -> bool:
+    return metric.endswith("_acc") or "_acc_" in metric or metric == "adv_auc"
+
+
+def percent(metric: str, value: float) -> float:
+    return 100 * value if is_accuracy(metric) else value
+
+
+def axis_label(metric: str) -> str:
+    if is_accuracy(metric):
+        return f"{metric} (%)"
+    if "dist" in metric:
+        return f"{metric} ({DISTANCE})"
+    return metric
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)

@@ -1,0 +1,552 @@
+"""`specreg report`: the figures and tables that answer a finished sweep's questions, read from MLflow.
+
+The report is written as one self-contained HTML file (figures embedded as base64 PNGs) or as Markdown
+with a `figures/` folder, and its figures are logged to the sweep's parent run under `report/`.
+"Best trial of a kind" means best by the report metric: the sweep's first robust objective (else its
+first objective). With seeds, every value is a config's seed mean and every interval a 95% percentile
+bootstrap over its seeds.
+"""
+import base64
+import html
+import itertools
+import json
+import math
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from . import figures, results, tracking
+from .confirm import confirmations, parent_space
+from .errors import BadInput
+from .space import SweepSpec, flatten
+
+EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
+MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best
+BOOTSTRAP = 10_000
+
+
+# --- statistics -----------------------------------------------------------------------------------------
+
+def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
+    """Mean and percentile-bootstrap interval of the mean (the mean itself for fewer than 2 values)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, mean, mean
+    draws = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    low, high = np.quantile(values[draws].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(low), float(high)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values; NaN (an undefined test) stays NaN and is not counted."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, index) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
+def paired_t_pvalue(differences) -> float:
+    """Two-sided paired t-test p-value; NaN when the differences have no spread (the test is undefined)."""
+    from scipy import stats
+
+    differences = np.asarray(differences, dtype=float)
+    if len(differences) < 2 or np.ptp(differences) == 0:
+        return math.nan
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def paired_differences(arms: dict[str, dict[int, float]], pairs: list[tuple[str, str]]) -> list[dict]:
+    """For each pair (a, b): a − b over their shared seeds, its bootstrap interval, paired-t and Holm p."""
+    rows = []
+    for a, b in pairs:
+        shared = sorted(set(arms[a]) & set(arms[b]))
+        if len(shared) < 2:
+            continue
+        differences = [arms[a][s] - arms[b][s] for s in shared]
+        mean, low, high = bootstrap_interval(differences)
+        rows.append({"label": f"{a} − {b}", "a": a, "b": b, "seeds": shared, "mean": mean, "low": low,
+                     "high": high, "p": paired_t_pvalue(differences)})
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def spearman(x, y) -> tuple[float, float, int]:
+    """Spearman's ρ, its p-value and n over the pairs where both are finite (NaN below 3 pairs)."""
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return math.nan, math.nan, len(pairs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant column gives NaN, which is the honest answer
+        result = stats.spearmanr(*zip(*pairs))
+    return float(result.statistic), float(result.pvalue), len(pairs)
+
+
+# --- what the report is made of -------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    kind: str                  # heading | text | table | figure
+    text: str = ""
+    columns: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    png: bytes = b""
+    name: str = ""
+
+
+def _fmt(value, metric: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if figures.is_accuracy(metric) else f"{value:.3g}"
+    return str(value)
+
+
+def _with_interval(value, low, high, metric: str) -> str:
+    text = _fmt(value, metric)
+    return text if low is None or low == high else f"{text} [{_fmt(low, metric)}, {_fmt(high, metric)}]"
+
+
+def eps_values(records) -> list[float]:
+    return sorted({float(m.group(1)) for r in records for k in r.metrics if (m := EPS_METRIC.match(k))})
+
+
+def eps_key(records, eps: float) -> str:
+    keys = {float(m.group(1)): k for r in records for k in r.metrics if (m := EPS_METRIC.match(k))}
+    if eps not in keys:
+        raise BadInput(f"--eps: the trials report robust accuracy at {sorted(keys)}, not at {eps}")
+    return keys[eps]
+
+
+class SweepData:
+    """A sweep's finished trials with what the figures need: kinds, seeds, and the report metric."""
+
+    def __init__(self, mlflow, name: str, eps: float | None = None):
+        self.mlflow = mlflow
+        self.sweep = results.find_sweep(mlflow, name)
+        self.all = results.trials(mlflow, self.sweep)
+        self.objectives = self.sweep.objectives
+        self.records = results.rankable(self.all, ["clean_acc"])
+        robust = [o for o in self.objectives if results.is_robust(o["metric"])]
+        self.eps = eps_values(self.records)
+        if eps is not None:
+            self.robust = eps_key(self.records, eps)
+        elif robust and EPS_METRIC.match(robust[0]["metric"]):
+            self.robust = robust[0]["metric"]
+        else:
+            self.robust = eps_key(self.records, self.eps[len(self.eps) // 2]) if self.eps else None
+        if self.robust:
+            self.records = results.rankable(self.records, [self.robust])  # refuses mixed threat models
+        self.rank = robust[0] if robust else self.objectives[0]
+        self.seeds = self._seed_runs() if len(self.sweep.seeds) > 1 else {}
+
+    def _seed_runs(self) -> dict[str, dict[int, tuple[str, dict]]]:
+        """{config run id: {seed: (seed run id, metrics)}} of the finished seed runs."""
+        runs = tracking.retry(self.mlflow.search_runs, [self.sweep.experiment_id],
+                              f"tags.`{tracking.ROLE}` = 'seed' and attributes.status = 'FINISHED'",
+                              max_results=5000)
+        out: dict[str, dict] = {}
+        for run in runs:
+            out.setdefault(run.data.tags[tracking.PARENT], {})[int(run.data.tags[tracking.SEED])] = (
+                run.info.run_id, dict(run.data.metrics))
+        return out
+
+    @staticmethod
+    def kind(record) -> str:
+        return record.params.get("regularizer.kind", "none")
+
+    def kinds(self) -> list[str]:
+        present = {self.kind(r) for r in self.records}
+        return [k for k in figures.KINDS if k in present] + sorted(present - set(figures.KINDS))
+
+    def seed_values(self, record, metric: str) -> list[float]:
+        return [m[metric] for _, m in sorted(self.seeds.get(record.run_id, {}).items()) if metric in m]
+
+    def interval(self, record, metric: str):
+        """(mean, low, high): the bootstrap interval over seeds, or the single value."""
+        values = self.seed_values(record, metric)
+        if len(values) > 1:
+            return bootstrap_interval(values)
+        value = record.metrics.get(metric, math.nan)
+        return value, None, None
+
+    def best_per_kind(self) -> dict[str, results.TrialRecord]:
+        metric, mode = self.rank["metric"], self.rank["mode"]
+        ranked = [r for r in self.records if math.isfinite(r.metrics.get(metric, math.nan))]
+        return {k: results.best(mine, metric, mode) for k in self.kinds()
+                if (mine := [r for r in ranked if self.kind(r) == k])}
+
+    def artifact_runs(self, record) -> list[str]:
+        """The runs holding a config's arrays: its seed runs, else the trial run itself."""
+        seeds = self.seeds.get(record.run_id)
+        return [run_id for _, (run_id, _) in sorted(seeds.items())] if seeds else [record.run_id]
+
+    def arrays(self, record, path: str):
+        """The artifact at `path` of every run of the config that has it (JSON list or .npy array)."""
+        found = []
+        with tempfile.TemporaryDirectory() as staging:
+            for index, run_id in enumerate(self.artifact_runs(record)):
+                try:
+                    local = Path(tracking.retry(self.mlflow.download_artifacts, run_id, path,
+                                                f"{staging}/{index}"))
+                except (MlflowException, OSError):  # a run without the artifact: leave it out
+                    continue
+                found.append(np.load(local) if path.endswith(".npy") else np.asarray(json.loads(local.read_text())))
+        return found
+
+    def labels(self, records) -> dict[str, str]:
+        """A short label per record: the searched values that differ between the records."""
+        flats = {r.run_id: flatten(r.searched) for r in records}
+        keys = list(dict.fromkeys(k for f in flats.values() for k in f))
+        varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
+        return {r.run_id: ", ".join(f"{k.split('.')[-1]}={_fmt(flats[r.run_id].get(k))}" for k in varying
+                                    if k in flats[r.run_id]) or r.trial_id for r in records}
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+def overview(data: SweepData) -> list[Block]:
+    sweep, outcomes = data.sweep, {}
+    for record in data.all:
+        outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
+    text = (f"{len(data.all)} trials ({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}); objectives "
+            + ", ".join(f"{o['metric']} ({o['mode']})" for o in data.objectives)
+            + f"; threat model {', '.join(sorted({r.threat_model for r in data.records})) or 'none'}"
+            + (f"; seeds {sweep.seeds}, values are seed means with 95% bootstrap intervals" if data.seeds else "")
+            + f". Best trial of a kind: best by {data.rank['metric']} ({data.rank['mode']}).")
+    return [Block("heading", f"Sweep {sweep.name}"), Block("text", text)]
+
+
+def best_table(data: SweepData, best: dict) -> list[Block]:
+    metrics = ["clean_acc", *(eps_key(data.records, e) for e in data.eps),
+               *(m for m in ("adv_dist_median", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
+    rows = [[kind, r.trial_id, r.params.get("regularizer.strength", "—"), r.params.get("regularizer.placement", "—"),
+             *(_with_interval(*data.interval(r, m), m) for m in metrics)] for kind, r in best.items()]
+    return [Block("heading", "Best trial of each kind"),
+            Block("table", columns=["kind", "trial", "strength", "placement", *metrics], rows=rows)]
+
+
+def robust_curve_figure(data: SweepData, best: dict) -> list[Block]:
+    curves = {}
+    for kind, record in best.items():
+        keys = [eps_key(data.records, e) for e in data.eps]
+        stats = [data.interval(record, k) for k in keys]
+        banded = all(s[1] is not None for s in stats)
+        curves[kind] = {"eps": data.eps, "mean": [s[0] for s in stats],
+                        "low": [s[1] for s in stats] if banded else None,
+                        "high": [s[2] for s in stats] if banded else None}
+    band = " The band is the 95% bootstrap interval over seeds." if data.seeds else ""
+    return [Block("figure", f"Robust accuracy against the L2 radius ε for the best trial of each kind.{band}",
+                  png=figures.png(figures.robust_curves(curves)), name="robust_vs_eps")]
+
+
+def tradeoff_section(data: SweepData) -> list[Block]:
+    """Clean versus robust for every trial, the Pareto front of the two, and (with seeds) its table."""
+    pair = [{"metric": "clean_acc", "mode": "max"}, {"metric": data.robust, "mode": "max"}]
+    front = results.pareto(data.records, pair)
+    points = []
+    for record in data.records:
+        point = {"kind": data.kind(record), "clean": record.metrics["clean_acc"], "robust": record.metrics[data.robust]}
+        if data.seeds:
+            for key, metric in (("clean", "clean_acc"), ("robust", data.robust)):
+                mean, low, high = data.interval(record, metric)
+                if low is not None:
+                    point[f"{key}_err"] = (mean - low, high - mean)
+        points.append(point)
+    figure = figures.tradeoff(points, [(r.metrics["clean_acc"], r.metrics[data.robust]) for r in front], data.robust)
+    caption = (f"Clean accuracy against {data.robust} for every finished trial, coloured by regularizer kind; "
+               "the dashed line joins the Pareto front (circled)." + (
+                   " Points are seed means, bars 95% bootstrap intervals over seeds: a seed-aware front."
+                   if data.seeds else ""))
+    blocks = [Block("heading", "Clean versus robust accuracy"),
+              Block("figure", caption, png=figures.png(figure), name="clean_vs_robust")]
+    objectives = data.objectives if len(data.objectives) > 1 else pair
+    members = results.pareto(data.records, objectives)
+    labels = data.labels(data.records)
+    rows = [[r.trial_id, labels[r.run_id], *(_with_interval(*data.interval(r, o["metric"]), o["metric"])
+                                             for o in objectives)] for r in members]
+    title = "Pareto front of the sweep's objectives" + (" (seed means, 95% bootstrap intervals)" if data.seeds else "")
+    blocks += [Block("heading", title), Block("table", columns=["trial", "config", *(o["metric"] for o in objectives)],
+                                              rows=rows)]
+    return blocks
+
+
+def settings_figure(data: SweepData) -> list[Block]:
+    """Each objective against strength (log), placement and target exponent, where those varied."""
+    objectives = [o["metric"] for o in data.objectives]
+    regularized = [r for r in data.records if data.kind(r) != "none"]
+    baseline = next((r for r in data.records if data.kind(r) == "none"), None)
+    base_values = {m: baseline.metrics[m] for m in objectives if m in baseline.metrics} if baseline else None
+
+    def points(key, cast, records):
+        return [(data.kind(r), cast(r.params[key]), {m: r.metrics.get(m, math.nan) for m in objectives})
+                for r in records if key in r.params]
+
+    panels = []
+    strengths = points("regularizer.strength", float, regularized)
+    if len({x for _, x, _ in strengths if x > 0}) > 1:
+        panels.append({"title": "strength", "xlabel": "regularizer strength λ (log scale)", "log": True,
+                       "categorical": False, "points": [p for p in strengths if p[1] > 0], "baseline": base_values})
+    placements = points("regularizer.placement", str, regularized)
+    if len({x for _, x, _ in placements}) > 1:
+        panels.append({"title": "placement", "xlabel": "layers regularized", "log": False, "categorical": True,
+                       "points": placements, "baseline": base_values})
+    decay = [r for r in regularized if data.kind(r) == "spectral-decay"]
+    exponents = points("regularizer.target_exponent", float, decay)
+    if len({x for _, x, _ in exponents}) > 1:
+        panels.append({"title": "target exponent (spectral-decay)", "xlabel": "target spectral exponent α",
+                       "log": False, "categorical": False, "points": exponents, "baseline": base_values})
+    if not panels:
+        return [Block("text", "Strength, placement and target exponent did not vary: no settings figure.")]
+    caption = "Each objective against the searched regularizer settings; the dashed line is the unregularized trial."
+    return [Block("heading", "Objectives versus the regularizer settings"),
+            Block("figure", caption, png=figures.png(figures.objective_panels(objectives, panels)),
+                  name="objectives_vs_settings")]
+
+
+def structure_section(data: SweepData) -> list[Block]:
+    points = [{"kind": data.kind(r), "alpha_hat": r.metrics.get("alpha_hat"), "sigma_sq_sum": r.metrics.get("sigma_sq_sum"),
+               "robust": r.metrics[data.robust]} for r in data.records]
+    correlations = {key: spearman([p[key] for p in points], [p["robust"] for p in points])
+                    for key in ("alpha_hat", "sigma_sq_sum")}
+    rows = [[key, f"{rho:.3f}" if math.isfinite(rho) else "—", _fmt(p), n]
+            for key, (rho, p, n) in correlations.items()]
+    return [Block("heading", "Representational structure and robustness"),
+            Block("figure", f"{data.robust} against the fitted spectral exponent α̂ of the feature covariance and "
+                            "against Σσ²_max of the layers up to the features, every trial.",
+                  png=figures.png(figures.structure(points, data.robust, correlations)), name="structure_vs_robustness"),
+            Block("table", columns=["against", "Spearman ρ", "p", "trials"], rows=rows)]
+
+
+def array_figures(data: SweepData, best: dict) -> list[Block]:
+    """The feature spectrum and the adversarial distances of the best trial of each kind."""
+    spectra, distances = {}, {}
+    for kind, record in best.items():
+        found = data.arrays(record, "spectrum.json")
+        if found and len({len(s) for s in found}) == 1:
+            spectra[kind] = np.mean(found, axis=0)
+        found = data.arrays(record, "distances.npy")
+        if found:
+            distances[kind] = np.concatenate(found)
+    pooled = " Over seeds the spectra are averaged and the distances pooled." if data.seeds else ""
+    blocks = []
+    if spectra:
+        blocks.append(Block("figure", "Eigenvalues of the feature covariance on test inputs, best trial of each kind "
+                                      f"(log–log).{pooled}", png=figures.png(figures.spectra(spectra)), name="spectra"))
+    if distances:
+        blocks.append(Block("figure", "Minimal adversarial L2 distances found by the attack, best trial of each kind "
+                                      f"(0: misclassified).{pooled}",
+                            png=figures.png(figures.distance_histograms(distances, data.eps)), name="distances"))
+    return blocks
+
+
+def _encode(value):
+    """A searched value as Optuna stored it (lists and mappings as JSON text)."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def _distribution(param):
+    from optuna import distributions
+
+    if param.finite:
+        return distributions.CategoricalDistribution([_encode(v) for v in param.values])
+    low, high = param.values
+    if param.kind == "int":
+        return distributions.IntDistribution(low, high)
+    return distributions.FloatDistribution(low, high, log=param.kind == "loguniform")
+
+
+def fanova(data: SweepData) -> dict[str, float] | str:
+    """fANOVA importances for the first objective from a study rebuilt from the trials; or why not."""
+    import optuna
+
+    objective = data.objectives[0]
+    spec = SweepSpec.model_validate(parent_space(data.mlflow, data.sweep))
+    space = {k: _distribution(p) for k, p in spec.search.items()}
+    trials = []
+    for record in data.records:
+        value = record.metrics.get(objective["metric"], math.nan)
+        if math.isfinite(value):
+            params = {k: _encode(v) for k, v in record.searched.items() if k in space}
+            trials.append(optuna.trial.create_trial(params=params, distributions={k: space[k] for k in params},
+                                                    value=value))
+    shared = set.intersection(*(set(t.params) for t in trials)) if trials else set()
+    varied = [k for k in shared if len({json.dumps(t.params[k]) for t in trials}) > 1]
+    if len(trials) < 3 or len(varied) < 2:
+        return (f"fANOVA skipped: it needs at least 3 finished trials and 2 searched parameters that every trial "
+                f"has and that vary (here {len(trials)} trials, {len(varied)} such parameters; conditional "
+                "parameters are left out).")
+    study = optuna.create_study(direction="maximize" if objective["mode"] == "max" else "minimize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.add_trials(trials)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    return optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(varied))
+
+
+def importance_section(data: SweepData) -> list[Block]:
+    found = fanova(data)
+    blocks = [Block("heading", f"Parameter importance for {data.objectives[0]['metric']}")]
+    if isinstance(found, str):
+        return blocks + [Block("text", found)]
+    return blocks + [Block("figure", "Share of the variance of the first objective explained by each searched "
+                                     "parameter (Optuna's fANOVA on a study rebuilt from the trials; parameters that "
+                                     "only some trials have are left out).",
+                           png=figures.png(figures.importances(found, data.objectives[0]["metric"])),
+                           name="importance")]
+
+
+def paired_section(data: SweepData) -> list[Block]:
+    """Paired differences between the configs (arms) that share seeds, for every objective."""
+    records = [r for r in data.records if len(data.seeds.get(r.run_id, {})) > 1]
+    if len(records) < 2:
+        return []
+    labels = data.labels(records)
+    first = data.objectives[0]
+    ranked = sorted(records, key=lambda r: r.metrics[first["metric"]], reverse=first["mode"] == "max")
+    names = [labels[r.run_id] for r in ranked]
+    if len(names) <= MAX_ALL_PAIRS:
+        pairs, how = list(itertools.combinations(names, 2)), "every pair of arms"
+    else:
+        pairs, how = [(names[0], n) for n in names[1:]], f"every arm against the best by {first['metric']}"
+    by_metric = {}
+    blocks = [Block("heading", "Paired differences between arms sharing seeds"),
+              Block("text", f"Arms are ordered by {first['metric']}; compared: {how}. Difference a − b per shared seed; "
+                            "mean, 95% percentile bootstrap interval, two-sided paired t-test p-value, "
+                            "Holm-corrected within each metric.")]
+    for objective in data.objectives:
+        metric = objective["metric"]
+        arms = {labels[r.run_id]: {s: m[metric] for s, (_, m) in data.seeds[r.run_id].items() if metric in m}
+                for r in records}
+        rows = paired_differences(arms, pairs)
+        by_metric[metric] = rows
+        blocks.append(Block("table", columns=[f"{metric}: a − b", "seeds", "mean", "95% interval", "p", "p (Holm)"],
+                            rows=[[r["label"], len(r["seeds"]), _fmt(r["mean"], metric),
+                                   f"[{_fmt(r['low'], metric)}, {_fmt(r['high'], metric)}]", _fmt(r["p"]),
+                                   _fmt(r["p_holm"])] for r in rows]))
+    if any(by_metric.values()):
+        blocks.append(Block("figure", "Paired differences with 95% bootstrap intervals (black: Holm p < 0.05).",
+                            png=figures.png(figures.paired_differences(by_metric)), name="paired_differences"))
+    return blocks
+
+
+def confirmation_section(data: SweepData) -> list[Block]:
+    found = confirmations(data.mlflow, data.sweep)
+    if not found:
+        return []
+    metrics = [o["metric"] for o in data.objectives]
+    rows = []
+    for record in data.all:
+        if record.run_id in found:
+            child, confirmed = found[record.run_id]
+            rows.append([record.trial_id, data.kind(record), child, *(
+                f"{_fmt(record.metrics.get(m), m)} → "
+                + _with_interval(confirmed.metrics.get(m), confirmed.metrics.get(f"{m}_ci95_low"),
+                                 confirmed.metrics.get(f"{m}_ci95_high"), m) for m in metrics)])
+    return [Block("heading", "Confirmation with fresh seeds"),
+            Block("text", "The sweep's value → the confirmed seed mean [95% t-interval]; `specreg export` ranks "
+                          "these configs by their confirmed means."),
+            Block("table", columns=["trial", "kind", "confirmed by", *metrics], rows=rows)]
+
+
+def build(data: SweepData) -> list[Block]:
+    blocks = overview(data)
+    if not data.records:
+        return blocks + [Block("text", "No finished trial: nothing to plot.")]
+    if data.robust is None:
+        blocks.append(Block("text", "The trials were not attacked: no robustness figures."))
+    best = data.best_per_kind()
+    blocks += best_table(data, best)
+    if data.robust:
+        blocks += robust_curve_figure(data, best) + tradeoff_section(data)
+    blocks += settings_figure(data)
+    if data.robust:
+        blocks += structure_section(data)
+    blocks += [Block("heading", "Spectra and distances of the best trials"), *array_figures(data, best)]
+    blocks += importance_section(data) + paired_section(data) + confirmation_section(data)
+    return blocks
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+
+def to_markdown(blocks: list[Block], figure_dir: str) -> str:
+    lines = []
+    for block in blocks:
+        if block.kind == "heading":
+            lines += [("# " if not lines else "## ") + block.text, ""]
+        elif block.kind == "text":
+            lines += [block.text, ""]
+        elif block.kind == "table":
+            lines += ["| " + " | ".join(map(str, block.columns)) + " |", "|" + "---|" * len(block.columns)]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in block.rows] + [""]
+        else:
+            lines += [f"![{block.name}]({figure_dir}/{block.name}.png)", "", f"*{block.text}*", ""]
+    return "\n".join(lines)
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}"
+             "img{max-width:100%}figcaption{color:#555;font-size:90%}</style></head><body>"]
+    first = True
+    for block in blocks:
+        if block.kind == "heading":
+            tag = "h1" if first else "h2"
+            parts.append(f"<{tag}>{html.escape(block.text)}</{tag}>")
+            first = False
+        elif block.kind == "text":
+            parts.append(f"<p>{html.escape(block.text)}</p>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in block.columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        else:
+            data = base64.b64encode(block.png).decode()
+            parts.append(f"<figure><img alt='{block.name}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
+    return "\n".join(parts + ["</body></html>"])
+
+
+def write_report(mlflow, name: str, out_dir, fmt: str = "html", eps: float | None = None) -> dict:
+    """Build the report, write it to out_dir, log it to the sweep's parent run; return what was written.
+
+    Everything is read and drawn before anything is written, so bad input leaves nothing behind.
+    """
+    if fmt not in ("html", "md"):
+        raise BadInput(f"--format: must be html or md, got {fmt!r}")
+    data = SweepData(mlflow, name, eps)
+    blocks = build(data)
+    figures_made = {b.name: b.png for b in blocks if b.kind == "figure"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "html":
+        report = out / "report.html"
+        report.write_text(to_html(blocks, f"Sweep {name}"))
+        written = [report]
+    else:
+        (out / "figures").mkdir(exist_ok=True)
+        written = []
+        for figure_name, data_png in figures_made.items():
+            path = out / "figures" / f"{figure_name}.png"
+            path.write_bytes(data_png)
+            written.append(path)
+        report = out / "report.md"
+        report.write_text(to_markdown(blocks, "figures"))
+        written.insert(0, report)
+    with tempfile.TemporaryDirectory() as staging:
+        for figure_name, data_png in figures_made.items():
+            (Path(staging) / f"{figure_name}.png").write_bytes(data_png)
+        (Path(staging) / report.name).write_bytes(report.read_bytes())
+        tracking.retry(mlflow.log_artifacts, data.sweep.parent_run_id, staging, "report")
+    return {"report": report, "files": written, "figures": list(figures_made)}
