@@ -29,6 +29,7 @@ class TrialRecord:
     start_ms: int
     end_ms: int | None
     threat_model: str
+    confirmed_by: str = ""   # the `specreg confirm` sweep whose seed means replaced these metrics
 
     @property
     def duration_s(self) -> float | None:
@@ -167,6 +168,7 @@ def write_parquet(records: list[TrialRecord], path: Path) -> None:
         "start_time": [r.start_ms / 1000 for r in records],
         "end_time": [r.end_ms / 1000 if r.end_ms else None for r in records],
         "duration_s": [r.duration_s for r in records],
+        "confirmed_by": [r.confirmed_by for r in records],
     }
     for key in sorted({k for r in records for k in r.searched}):
         columns[f"search.{key}"] = _column([r.searched.get(key) for r in records])
@@ -199,7 +201,8 @@ def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[Tria
     header = ["trial"] + sweep.search_keys + metrics
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in shown:
-        cells = [record.trial_id] + [str(record.searched.get(k, "—")) for k in sweep.search_keys]
+        cells = [record.trial_id + (" (confirmed)" if record.confirmed_by else "")]
+        cells += [str(record.searched.get(k, "—")) for k in sweep.search_keys]
         for metric in metrics:
             value = _fmt(record.metrics[metric])
             if f"{metric}_ci95_low" in record.metrics:
@@ -239,9 +242,13 @@ def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str |
     if objective:
         listed = {o["metric"]: o["mode"] for o in objectives}
         objectives = [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
-    records = trials(mlflow, sweep)
+    from .confirm import prefer_confirmed
+
+    records = prefer_confirmed(mlflow, sweep, trials(mlflow, sweep))
     metrics = [o["metric"] for o in objectives]
     ranked = rankable(records, metrics)
+    if any(r.confirmed_by for r in ranked):  # rank the configs that survived reseeding by their confirmed means
+        ranked = [r for r in ranked if r.confirmed_by]
     if not ranked:
         raise RuntimeError(f"sweep {name!r} has no finished trial with {', '.join(metrics)}")
     out = Path(out_dir)
@@ -251,7 +258,8 @@ def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str |
     paths = {file: out / file for file in ("best.yaml", "pareto.yaml", "trials.parquet", "summary.md")}
     paths["best.yaml"].write_text(yaml.safe_dump(portable(run_config(mlflow, top.run_id), out), sort_keys=False))
     paths["pareto.yaml"].write_text(yaml.safe_dump([
-        {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "metrics": {m: r.metrics[m] for m in metrics},
+        {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "confirmed_by": r.confirmed_by or None,
+         "metrics": {m: r.metrics[m] for m in metrics},
          "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False))
     write_parquet(records, paths["trials.parquet"])
     paths["summary.md"].write_text(summary_markdown(sweep, records, ranked, objectives, front))
