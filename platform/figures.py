@@ -7,6 +7,7 @@ import io
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
@@ -97,9 +98,12 @@ def objective_panels(objectives: list[str], panels: list[dict]) -> Figure:
         for row, objective in enumerate(objectives):
             ax = axes[row][col]
             for kind in dict.fromkeys(k for k, _, _ in panel["points"]):
-                mine = [(x, values[objective]) for k, x, values in panel["points"] if k == kind]
-                xs = [categories.index(str(x)) for x, _ in mine] if panel["categorical"] else [x for x, _ in mine]
-                ax.scatter(xs, [percent(objective, y) for _, y in mine], color=color(kind), label=kind, s=25)
+                mine = sorted((x, values[objective]) for k, x, values in panel["points"] if k == kind)
+                ys = [percent(objective, y) for _, y in mine]
+                if panel["categorical"]:
+                    ax.scatter([categories.index(str(x)) for x, _ in mine], ys, color=color(kind), label=kind, s=25)
+                else:
+                    ax.plot([x for x, _ in mine], ys, marker="o", color=color(kind), label=kind)
             if panel.get("baseline") and objective in panel["baseline"]:
                 ax.axhline(percent(objective, panel["baseline"][objective]), color=color("none"),
                            linestyle="--", linewidth=1, label="none")
@@ -134,6 +138,7 @@ def structure(points: list[dict], robust_label: str, correlations: dict[str, tup
                      fontsize=10)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=label, ylabel=f"{robust_label} (%)")
         ax.grid(alpha=0.3)
     _legend(axes[0])

@@ -1,0 +1,167 @@
+"""`specreg report` and `specreg confirm` on a real tiny sweep (local Ray, MLflow SQLite), and the report's
+statistics against direct computations."""
+import base64
+import io
+import math
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from matplotlib.image import imread
+from mlflow import MlflowClient
+from scipy import stats
+
+from specreg_platform import results
+from specreg_platform.report import bootstrap_interval, holm, paired_differences
+
+from conftest import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The tiny sweep below gives every figure: curves, trade-off, settings, structure, spectra, distances, fANOVA.
+FIGURES = {"robust_vs_eps", "clean_vs_robust", "objectives_vs_settings", "structure_vs_robustness", "spectra",
+           "distances", "importance"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, store):
+    """A quickstart-like grid: two kinds x two strengths on digits, two objectives, one shared burn-in."""
+    ensure_ray()
+    tmp = tmp_path_factory.mktemp("report")
+    space = tiny_space("rq", sampler={"name": "grid"}, samples=None,
+                       search={"regularizer.kind": {"grid": ["rep-spectral", "spectral-decay"]},
+                               "regularizer.strength": {"grid": [0.01, 0.1]}},
+                       objectives=[{"metric": "clean_acc", "mode": "max"},
+                                   {"metric": "adv_acc_eps_0.5", "mode": "max"}])
+    space["base"]["train"] = {**TINY_BASE["train"], "seed": 0}
+    result = cli("sweep", write_yaml(tmp / "rq.yaml", space), "--mlflow", store, "--storage", tmp / "runs",
+                 "--max-concurrent", "2")
+    assert result.exit_code == 0, result.output
+    mlflow = MlflowClient(store)
+    return {"mlflow": mlflow, "sweep": results.find_sweep(mlflow, "rq"), "tmp": tmp, "store": store}
+
+
+def _check_png(data: bytes) -> None:
+    assert data.startswith(PNG_SIGNATURE)
+    image = imread(io.BytesIO(data), format="png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def _html_figures(text: str) -> dict[str, bytes]:
+    return {name: base64.b64decode(data)
+            for name, data in re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>", text)}
+
+
+def test_html_report_embeds_every_figure_and_logs_them(tiny):
+    out = tiny["tmp"] / "html"
+    result = cli("report", "rq", "--out", out, "--mlflow", tiny["store"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["report.html"]
+    found = _html_figures((out / "report.html").read_text())
+    assert set(found) == FIGURES
+    for data in found.values():
+        _check_png(data)
+    logged = {a.path for a in tiny["mlflow"].list_artifacts(tiny["sweep"].parent_run_id, "report")}
+    assert logged == {f"report/{name}.png" for name in FIGURES} | {"report/report.html"}
+
+
+def test_markdown_report_writes_figure_files(tiny):
+    out = tiny["tmp"] / "md"
+    result = cli("report", "rq", "--out", out, "--format", "md", "--mlflow", tiny["store"])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    files = sorted(p.name for p in (out / "figures").iterdir())
+    assert files == sorted(f"{name}.png" for name in FIGURES)
+    for name in files:
+        assert f"(figures/{name})" in text
+        _check_png((out / "figures" / name).read_bytes())
+
+
+def test_pareto_table_holds_exactly_the_non_dominated_trials(tiny):
+    out = tiny["tmp"] / "pareto"
+    assert cli("report", "rq", "--out", out, "--format", "md", "--mlflow", tiny["store"]).exit_code == 0
+    section = (out / "report.md").read_text().split("## Pareto front")[1].split("\n## ")[0]
+    listed = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")} - {"trial"}
+    runs = tiny["mlflow"].search_runs([tiny["sweep"].experiment_id], "tags.`specreg.role` = 'trial'")
+    points = {r.data.tags["specreg.trial_id"]: (r.data.metrics["clean_acc"], r.data.metrics["adv_acc_eps_0.5"])
+              for r in runs}
+    assert len(points) == 4
+    non_dominated = {t for t, (a, b) in points.items()
+                     if not any(x >= a and y >= b and (x, y) != (a, b) for x, y in points.values())}
+    assert listed == non_dominated
+
+
+def test_report_of_an_unknown_sweep_exits_2_and_writes_nothing(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("report", "nosuch", "--out", "out", "--mlflow", tiny["store"])
+    assert result.exit_code == 2 and "no sweep named 'nosuch'" in result.output
+    result = cli("report", "rq", "--out", "out")  # no store here
+    assert result.exit_code == 2 and "no MLflow store" in result.output
+    result = cli("report", "rq", "--out", "out", "--eps", "7", "--mlflow", tiny["store"])
+    assert result.exit_code == 2 and "--eps" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_confirm_reruns_the_best_config_with_fresh_seeds_and_export_prefers_it(tiny):
+    mlflow, store, tmp = tiny["mlflow"], tiny["store"], tiny["tmp"]
+    result = cli("confirm", "rq", "--top", "1", "--seeds", "2", "--mlflow", store, "--storage", tmp / "runs")
+    assert result.exit_code == 0, result.output
+    parent = results.trials(mlflow, tiny["sweep"])
+    objectives = tiny["sweep"].objectives
+    front = [r for r in parent if not any(results.dominates(o, r, objectives) for o in parent)]
+    best = max(front, key=lambda r: r.metrics["clean_acc"])  # --top 1 of the Pareto set, by the first objective
+    child = results.find_sweep(mlflow, "rq-confirm")
+    (config,) = results.trials(mlflow, child)
+    assert config.status == "FINISHED" and child.seeds == [1, 2]
+    assert yaml.safe_load(mlflow.get_run(config.run_id).data.tags["specreg.confirms_run"]) == [best.run_id]
+    assert results.run_config(mlflow, config.run_id)["regularizer"] == results.run_config(mlflow, best.run_id)["regularizer"]
+    seeds = mlflow.search_runs([child.experiment_id], f"tags.`mlflow.parentRunId` = '{config.run_id}'")
+    assert sorted(int(s.data.params["train.seed"]) for s in seeds) == [1, 2]
+
+    out = tmp / "export"
+    assert cli("export", "rq", "--out", out, "--mlflow", store).exit_code == 0
+    front = yaml.safe_load((out / "pareto.yaml").read_text())
+    assert [m["mlflow_run_id"] for m in front] == [best.run_id] and front[0]["confirmed_by"] == "rq-confirm"
+    assert front[0]["metrics"]["clean_acc"] == pytest.approx(np.mean([s.data.metrics["clean_acc"] for s in seeds]))
+    table = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [r["trial_id"] for r in table if r["confirmed_by"]] == [best.trial_id]
+    assert "(confirmed)" in (out / "summary.md").read_text()
+
+    out = tmp / "confirmed-report"
+    assert cli("report", "rq", "--out", out, "--format", "md", "--mlflow", store).exit_code == 0
+    assert "## Confirmation with fresh seeds" in (out / "report.md").read_text()
+    result = cli("report", "rq-confirm", "--out", tmp / "child-report", "--format", "md", "--mlflow", store)
+    assert result.exit_code == 0, result.output
+    assert "seed means with 95% bootstrap intervals" in (tmp / "child-report" / "report.md").read_text()
+
+
+def test_paired_differences_match_a_direct_computation():
+    rng = np.random.default_rng(3)
+    seeds = range(6)
+    arms = {"a": {s: 0.8 + 0.02 * rng.standard_normal() for s in seeds},
+            "b": {s: 0.7 + 0.02 * rng.standard_normal() for s in seeds},
+            "c": {s: 0.7 + 0.02 * rng.standard_normal() for s in seeds if s != 5}}
+    rows = paired_differences(arms, [("a", "b"), ("a", "c"), ("b", "c")])
+    raw = []
+    for row, (x, y) in zip(rows, [("a", "b"), ("a", "c"), ("b", "c")]):
+        shared = sorted(set(arms[x]) & set(arms[y]))
+        d = np.array([arms[x][s] - arms[y][s] for s in shared])
+        assert row["seeds"] == shared and row["mean"] == pytest.approx(d.mean())
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+        raw.append(2 * stats.t.sf(abs(t), len(d) - 1))
+        assert row["p"] == pytest.approx(raw[-1])
+        assert d.min() <= row["low"] <= row["mean"] <= row["high"] <= d.max()
+    order = np.argsort(raw)
+    expected = np.minimum(1, np.maximum.accumulate(np.array(raw)[order] * (len(raw) - np.arange(len(raw)))))
+    assert [rows[i]["p_holm"] for i in order] == pytest.approx(list(expected))
+
+
+def test_holm_leaves_undefined_tests_out_and_bootstrap_matches_the_normal_interval():
+    assert holm([0.01, math.nan, 0.04]) == pytest.approx([0.02, math.nan, 0.04], nan_ok=True)
+    values = np.random.default_rng(0).normal(1.0, 2.0, 400)
+    mean, low, high = bootstrap_interval(values)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+    assert mean == pytest.approx(values.mean())
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert bootstrap_interval([0.5]) == (0.5, 0.5, 0.5)
