@@ -6,6 +6,7 @@ looked) have distance inf but are never counted as robust: they lower every robu
 reported as `attack_start_failures`. The start pool comes from the rest of the test set.
 """
 import math
+import numbers
 import time
 
 import numpy as np
@@ -24,14 +25,14 @@ def evaluate(model, test_data, attack_spec) -> dict:
         raise ValueError(f"attack spec lacks {missing}")
     name, samples, max_queries = spec.pop("name"), spec.pop("samples"), spec.pop("max_queries")
     eps, seed, pool_size = list(spec.pop("eps")), int(spec.pop("seed")), spec.pop("start_pool")
-    if not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"attack samples must be an integer >= 1, got {samples!r}")
     if not eps:
         raise ValueError("attack eps must list at least one radius")
     bad = [e for e in eps if not e > 0]
     if bad:
         raise ValueError(f"attack eps must all be > 0, got {bad}")
-    if not isinstance(pool_size, int) or pool_size < 0:
+    if isinstance(pool_size, bool) or not isinstance(pool_size, numbers.Integral) or pool_size < 0:
         raise ValueError(f"attack start_pool must be an integer >= 0, got {pool_size!r}")
     attacks.validate(name, max_queries, spec)
 
