@@ -9,7 +9,12 @@ import math
 import os
 from pathlib import Path
 
+import optuna
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from . import results, tracking
 from .errors import BadInput
@@ -23,8 +28,6 @@ CACHE_DIR = "burnin-cache"
 
 def connect(address: str | None) -> None:
     """Join the cluster at address, or start a local Ray instance (reused if this process has one)."""
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -32,8 +35,6 @@ def connect(address: str | None) -> None:
 
 def check_resources(spec: SweepSpec) -> int:
     """Refuse a trial that no node can hold (it would stay PENDING forever); return how many fit at once."""
-    import ray
-
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
     gpus = [n.get("GPU", 0.0) for n in nodes]
@@ -52,8 +53,6 @@ def check_resources(spec: SweepSpec) -> int:
 
 
 def make_sampler(spec: SweepSpec):
-    import optuna
-
     seed = spec.sampler.seed
     if spec.sampler.name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -62,39 +61,31 @@ def make_sampler(spec: SweepSpec):
     return optuna.samplers.RandomSampler(seed=seed)  # random; grid points are enqueued, never sampled
 
 
-def make_searcher(spec: SweepSpec):
-    from ray.tune.search.optuna import OptunaSearch
+class SweepSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna an early-stopped trial was pruned (not complete with a truncated
+    value), and records a trial that errored, was marked FAIL, and then finished after --resume."""
 
-    class SweepSearch(OptunaSearch):
-        """OptunaSearch that tells Optuna an early-stopped trial was pruned (not complete with a
-        truncated value), and records a trial that errored and then finished after --resume."""
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            final = bool(result) and bool(result.get(FINAL)) and not error
-            if trial_id in self._completed_trials:
-                if final:
-                    import optuna
-
-                    asked = self._ot_trials[trial_id]
-                    values = [result[m] for m in spec.metrics]
-                    self._ot_study.add_trial(optuna.trial.create_trial(
-                        params=asked.params, distributions=asked.distributions,
-                        values=values if len(values) > 1 else None, value=values[0] if len(values) == 1 else None))
-                return
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        final = bool(result) and bool(result.get(FINAL)) and not error
+        if trial_id not in self._completed_trials:
             super().on_trial_complete(trial_id, result if final else None, error)
+        elif final:
+            asked = self._ot_trials[trial_id]
+            values = [result[m] for m in (self.metric if isinstance(self.metric, list) else [self.metric])]
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=asked.params, distributions=asked.distributions, values=values))
 
+
+def make_searcher(spec: SweepSpec) -> SweepSearch:
     single = len(spec.objectives) == 1
     points = spec.grid_points()[:spec.num_samples()] if spec.sampler.name == "grid" else None
-    optuna_logger = logging.getLogger("optuna")
-    optuna_logger.setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return SweepSearch(space=spec.define_by_run, metric=spec.metrics[0] if single else spec.metrics,
                        mode=spec.modes[0] if single else spec.modes, sampler=make_sampler(spec),
                        points_to_evaluate=points)
 
 
 def make_scheduler(spec: SweepSpec, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     if spec.scheduler.name == "asha":
         return ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="training_iteration",
                              max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
@@ -167,8 +158,6 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
               max_concurrent=None, resume=False, smoke=False, address=None, gpus_per_trial=None,
               echo=print) -> int:
     """Run (or resume) a sweep; return the exit code."""
-    from ray import tune
-
     spec, base = load_space(space_path, samples=samples, smoke=smoke)
     updates = {}
     if name is not None:

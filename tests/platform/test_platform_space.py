@@ -165,3 +165,19 @@ def test_spec_survives_the_trip_to_a_trial_and_orders_conditions_first():
     again = SweepSpec.model_validate(spec.model_dump(by_alias=True))
     assert again == spec
     assert again.order()[0] == "regularizer.kind"
+
+
+def test_searcher_prunes_early_stopped_trials_and_records_a_trial_finished_after_resume():
+    from specreg_platform.sweep import make_searcher
+    from specreg_platform.trainable import FINAL
+
+    spec, _ = load_space(SPACES / "quickstart.yaml")
+    searcher = make_searcher(spec)
+    searcher.suggest("stopped")
+    searcher.on_trial_complete("stopped", {"clean_acc": 0.3, "adv_acc_eps_0.5": float("nan")})
+    config = searcher.suggest("crashed")
+    searcher.on_trial_complete("crashed", None, error=True)
+    searcher.on_trial_complete("crashed", {FINAL: 1, "clean_acc": 0.9, "adv_acc_eps_0.5": 0.4})
+    states = [(t.state.name, t.values) for t in searcher._ot_study.trials]
+    assert states == [("PRUNED", None), ("FAIL", None), ("COMPLETE", [0.9, 0.4])]
+    assert searcher._ot_study.trials[-1].params == config
