@@ -3,8 +3,9 @@
 The report is written as one self-contained HTML file (figures embedded as base64 PNGs) or as Markdown
 with a `figures/` folder, and its figures are logged to the sweep's parent run under `report/`.
 "Best trial of a kind" means best by the report metric: the sweep's first robust objective (else its
-first objective). With seeds, every value is a config's seed mean and every interval a 95% percentile
-bootstrap over its seeds.
+first objective). With seeds, every value is a config's seed mean; tables and bands show the platform's
+95% t-interval over seeds (as MLflow and export do), while the seed-aware Pareto front and the paired
+differences between arms use 95% percentile-bootstrap intervals.
 """
 import base64
 import html
@@ -173,13 +174,17 @@ class SweepData:
     def seed_values(self, record, metric: str) -> list[float]:
         return [m[metric] for _, m in sorted(self.seeds.get(record.run_id, {}).items()) if metric in m]
 
-    def interval(self, record, metric: str):
-        """(mean, low, high): the bootstrap interval over seeds, or the single value."""
-        values = self.seed_values(record, metric)
-        if len(values) > 1:
-            return bootstrap_interval(values)
-        value = record.metrics.get(metric, math.nan)
-        return value, None, None
+    def interval(self, record, metric: str, bootstrap: bool = False):
+        """(mean, low, high) over the config's seeds: the platform's t-interval (as MLflow and export show
+        it), or with `bootstrap` the percentile bootstrap; (value, None, None) for a single seed."""
+        if bootstrap:
+            values = self.seed_values(record, metric)
+            if len(values) > 1:
+                return bootstrap_interval(values)
+        elif f"{metric}_ci95_low" in record.metrics:
+            return (record.metrics[metric], record.metrics[f"{metric}_ci95_low"],
+                    record.metrics[f"{metric}_ci95_high"])
+        return record.metrics.get(metric, math.nan), None, None
 
     def best_per_kind(self) -> dict[str, results.TrialRecord]:
         metric, mode = self.rank["metric"], self.rank["mode"]
@@ -223,7 +228,8 @@ def overview(data: SweepData) -> list[Block]:
     text = (f"{len(data.all)} trials ({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}); objectives "
             + ", ".join(f"{o['metric']} ({o['mode']})" for o in data.objectives)
             + f"; threat model {', '.join(sorted({r.threat_model for r in data.records})) or 'none'}"
-            + (f"; seeds {sweep.seeds}, values are seed means with 95% bootstrap intervals" if data.seeds else "")
+            + (f"; seeds {sweep.seeds}: values are seed means with 95% t-intervals, except the seed-aware Pareto "
+               "front and the paired differences, which use 95% percentile-bootstrap intervals" if data.seeds else "")
             + f". Best trial of a kind: best by {data.rank['metric']} ({data.rank['mode']}).")
     return [Block("heading", f"Sweep {sweep.name}"), Block("text", text)]
 
@@ -246,7 +252,7 @@ def robust_curve_figure(data: SweepData, best: dict) -> list[Block]:
         curves[kind] = {"eps": data.eps, "mean": [s[0] for s in stats],
                         "low": [s[1] for s in stats] if banded else None,
                         "high": [s[2] for s in stats] if banded else None}
-    band = " The band is the 95% bootstrap interval over seeds." if data.seeds else ""
+    band = " The band is the 95% t-interval over seeds." if data.seeds else ""
     return [Block("figure", f"Robust accuracy against the L2 radius ε for the best trial of each kind.{band}",
                   png=figures.png(figures.robust_curves(curves)), name="robust_vs_eps")]
 
@@ -260,7 +266,7 @@ def tradeoff_section(data: SweepData) -> list[Block]:
         point = {"kind": data.kind(record), "clean": record.metrics["clean_acc"], "robust": record.metrics[data.robust]}
         if data.seeds:
             for key, metric in (("clean", "clean_acc"), ("robust", data.robust)):
-                mean, low, high = data.interval(record, metric)
+                mean, low, high = data.interval(record, metric, bootstrap=True)
                 if low is not None:
                     point[f"{key}_err"] = (mean - low, high - mean)
         points.append(point)
@@ -274,7 +280,7 @@ def tradeoff_section(data: SweepData) -> list[Block]:
     objectives = data.objectives if len(data.objectives) > 1 else pair
     members = results.pareto(data.records, objectives)
     labels = data.labels(data.records)
-    rows = [[r.trial_id, labels[r.run_id], *(_with_interval(*data.interval(r, o["metric"]), o["metric"])
+    rows = [[r.trial_id, labels[r.run_id], *(_with_interval(*data.interval(r, o["metric"], True), o["metric"])
                                              for o in objectives)] for r in members]
     title = "Pareto front of the sweep's objectives" + (" (seed means, 95% bootstrap intervals)" if data.seeds else "")
     blocks += [Block("heading", title), Block("table", columns=["trial", "config", *(o["metric"] for o in objectives)],

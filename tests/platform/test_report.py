@@ -4,6 +4,8 @@ import base64
 import io
 import math
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -64,6 +66,14 @@ def test_html_report_embeds_every_figure_and_logs_them(tiny):
         _check_png(data)
     logged = {a.path for a in tiny["mlflow"].list_artifacts(tiny["sweep"].parent_run_id, "report")}
     assert logged == {f"report/{name}.png" for name in FIGURES} | {"report/report.html"}
+
+
+def test_every_trial_logs_its_spectrum_and_distance_figures(tiny):
+    mlflow = tiny["mlflow"]
+    for trial in results.trials(mlflow, tiny["sweep"]):
+        assert {"spectrum.png", "distances.png"} <= {a.path for a in mlflow.list_artifacts(trial.run_id)}
+        with tempfile.TemporaryDirectory() as staging:
+            _check_png(Path(mlflow.download_artifacts(trial.run_id, "spectrum.png", staging)).read_bytes())
 
 
 def test_markdown_report_writes_figure_files(tiny):
@@ -133,7 +143,7 @@ def test_confirm_reruns_the_best_config_with_fresh_seeds_and_export_prefers_it(t
     assert "## Confirmation with fresh seeds" in (out / "report.md").read_text()
     result = cli("report", "rq-confirm", "--out", tmp / "child-report", "--format", "md", "--mlflow", store)
     assert result.exit_code == 0, result.output
-    assert "seed means with 95% bootstrap intervals" in (tmp / "child-report" / "report.md").read_text()
+    assert "seed-aware Pareto front" in (tmp / "child-report" / "report.md").read_text()
 
 
 def test_paired_differences_match_a_direct_computation():
