@@ -70,7 +70,8 @@ def varying_section(configs: list[dict], search_keys: list[str]) -> str:
 
 def child_space(parent_space: dict, name: str, configs: list[dict], section: str, seeds: list[int],
                 objectives: list[dict]) -> dict:
-    """The child sweep's search space: the chosen configs as a grid over `section`, over fresh seeds."""
+    """The child sweep's search space: the chosen configs as a grid over `section`, over fresh seeds, with the
+    parent's objectives (whatever metric chose the configs)."""
     values = list({_canonical(c[section]): c[section] for c in configs}.values())
     return {"name": name, "description": f"Confirmation of {parent_space['name']}: {len(values)} configs "
                                          f"re-run with seeds {seeds}.",
@@ -121,7 +122,7 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
     storage = Path(storage).resolve()
     child = child_name(mlflow, name, storage)
     space = child_space(parent_space(mlflow, sweep), child, configs, section, fresh_seeds(sweep, records, seeds),
-                        objectives)
+                        sweep.objectives)
     echo(f"confirming {len(chosen)} configs of {name} ({', '.join(r.trial_id for r in chosen)}) "
          f"with seeds {space['seeds']} as sweep {child}")
     with tempfile.TemporaryDirectory() as staging:
