@@ -75,7 +75,7 @@ def tradeoff(points: list[dict], front: list[tuple[float, float]], robust_label:
         ax.scatter(x, y, color=color(kind), label=kind, s=30, zorder=3)
     if front:
         xs, ys = zip(*sorted(front))
-        ax.step(100 * np.array(xs), 100 * np.array(ys), where="post", color="black", linewidth=1,
+        ax.step(100 * np.array(xs), 100 * np.array(ys), where="pre", color="black", linewidth=1,
                 linestyle="--", label="Pareto front", zorder=2)
         ax.scatter(100 * np.array(xs), 100 * np.array(ys), facecolors="none", edgecolors="black", s=90, zorder=4)
     ax.set(xlabel="clean accuracy (%)", ylabel=f"{robust_label} (%)",
