@@ -1,8 +1,10 @@
 """Readouts of a frozen encoder: features computed once, a linear probe trained on them, kNN accuracy."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .loop import EVAL_BATCH, Phase, accuracy, classification_loss
+from .models import Normalize
 
 KNN_K = 20
 
@@ -30,9 +32,18 @@ def knn_accuracy(model, data, k: int = KNN_K) -> float:
     return correct / len(queries)
 
 
+def probe_head(linear: nn.Linear) -> nn.Sequential:
+    """The probe: features standardized with fixed statistics (set by `probe_phase`), then `linear`."""
+    return nn.Sequential(Normalize(linear.in_features), linear)
+
+
 def probe_phase(config: dict, model, data) -> Phase:
-    """Train `model.head` on frozen features of `data` (computed here, once) with the `probe` settings."""
+    """Train the probe `model.head` on frozen features of `data` (computed here, once, as are the
+    standardization statistics) with the `probe` settings."""
     train_features, test_features = encode(model, data.x_train), encode(model, data.x_test)
+    standardize = model.head[0]
+    standardize.mean.copy_(train_features.mean(0))
+    standardize.std.copy_(train_features.std(0) + 1e-6)
     probe = config["probe"]
     settings = {**config["train"], **probe, "optimizer": "adam", "schedule": "cosine", "amp": False}
 

@@ -16,7 +16,7 @@ from . import data as data_mod
 from . import models, regularizers
 from .config import check_model
 from .loop import Phase, Run, encoder_metrics
-from .probe import knn_accuracy, probe_phase
+from .probe import knn_accuracy, probe_head, probe_phase
 
 # Datasets whose classes survive a horizontal flip (digits do not).
 FLIPPABLE = frozenset({"fashion_mnist", "cifar10", "cifar100", "imagefolder"})
@@ -121,20 +121,22 @@ def run(config: dict, device, **run_options) -> dict:
     spec = config["ssl"]
     data = data_mod.load({"seed": config["train"]["seed"], **config["data"]}, device=device)
     check_model(config, data.input_shape, data.num_classes)
-    model = models.build(config["model"], data.input_shape, data.num_classes).to(device)
-    head = projector(model.head.in_features, spec["projector"]).to(device)
+    model = models.build(config["model"], data.input_shape, data.num_classes)
+    projection = projector(model.head.in_features, spec["projector"]).to(device)
+    model.head = probe_head(model.head)
+    model = model.to(device)
     regularizer = regularizers.build(config["regularizer"]).attach(model).to(device)
-    run = Run(config, device, {"model": model, "projector": head}, regularizer, model, **run_options)
+    run = Run(config, device, {"model": model, "projector": projection}, regularizer, model, **run_options)
     settings, criterion = augment_settings(spec["augment"], data), ssl_loss(spec["method"], spec)
 
     def loss(xb, yb):
         views = torch.cat([augment(xb, settings, run.augment_generator) for _ in range(2)])
-        return criterion(*head(model.features(views)).float().chunk(2)), None
+        return criterion(*projection(model.features(views)).float().chunk(2)), None
 
     def evaluate():
         return {"pretrain/knn_acc": knn_accuracy(model, data), **encoder_metrics(regularizer, model, data.x_test)}
 
-    pretrain = Phase("pretrain", nn.ModuleList([model.features, head]), loss, data.x_train, data.y_train,
+    pretrain = Phase("pretrain", nn.ModuleList([model.features, projection]), loss, data.x_train, data.y_train,
                      config["train"]["epochs"], config["train"], evaluate, classifier=model, drop_last=True)
     if not (run.fit(pretrain) and run.fit(probe_phase(config, model, data))):
         return run.summary()

@@ -13,7 +13,7 @@ from . import data as data_mod
 from . import models, regularizers
 from .config import check_model, check_shapes
 from .loop import Phase, Run, accuracy, classification_loss, encoder_metrics
-from .probe import knn_accuracy, probe_phase
+from .probe import knn_accuracy, probe_head, probe_phase
 
 
 def l2sp_loss(model, anchor: nn.Module, strength: float):
@@ -34,9 +34,12 @@ def run(config: dict, device, **run_options) -> dict:
     target = data_mod.load({"seed": seed, **config["data"]}, device=device)
     check_shapes(target.input_shape, source.input_shape)
     check_model(config, target.input_shape, target.num_classes)
-    model = models.build(config["model"], target.input_shape, target.num_classes).to(device)
+    model = models.build(config["model"], target.input_shape, target.num_classes)
     source_model = models.Classifier(model.features, nn.Linear(model.head.in_features, source.num_classes),
-                                     source.input_shape).to(device)
+                                     source.input_shape)
+    if settings["mode"] == "probe":
+        model.head = probe_head(model.head)
+    model, source_model = model.to(device), source_model.to(device)
     modules = {"model": model, "source_head": source_model.head}
     finetune_l2sp = settings["mode"] == "finetune" and settings["l2sp"] > 0
     if finetune_l2sp:

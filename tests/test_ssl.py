@@ -81,7 +81,7 @@ def test_the_attack_runs_on_encoder_plus_probe(monkeypatch):
     cfg["attack"] = {"name": "tangent", "samples": 10, "max_queries": 100, "eps": [0.5, 1.0]}
     result = specreg.run_experiment(cfg)
     model, = attacked
-    assert isinstance(model, models.Classifier) and model.head.out_features == 10
+    assert isinstance(model, models.Classifier) and model.head[-1].out_features == 10
     assert all(m is not heads[0] for m in model.modules())  # the projector is discarded
     assert "adv_acc_eps_1.0" in result and 0 < result["attack_queries_mean"] <= 100
     # the attacked classifier's clean accuracy on raw images is the probe's accuracy on frozen features
