@@ -178,7 +178,7 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _stage(self):
+    def _regularizer_per_task(self):
         reg = self.regularizer
         if self.task != "transfer":
             if reg.stage is not None:

@@ -188,6 +188,9 @@ class Run:
         self.offset = end
         if self.epoch >= end:
             return True
+        if phase.drop_last and len(phase.x) < phase.train["batch_size"]:
+            raise ValueError(f"{phase.name}: batch_size {phase.train['batch_size']} exceeds the "
+                             f"{len(phase.x)} training examples")
         reg, every = self.regularizer, self.config["regularizer"]["every"]
         optimizer = build_optimizer(phase.trained.parameters(), phase.train)
         schedule = build_schedule(optimizer, phase.train)
@@ -196,9 +199,6 @@ class Run:
             optimizer.load_state_dict(self.resumed["optimizer"])
             schedule.load_state_dict(self.resumed["schedule"])
             step = self.resumed["step"]
-        if phase.drop_last and len(phase.x) < phase.train["batch_size"]:
-            raise ValueError(f"{phase.name}: batch_size {phase.train['batch_size']} exceeds the "
-                             f"{len(phase.x)} training examples")
         amp = phase.train["amp"] and self.device.type == "cuda"
         prefix = "" if phase.name == SUPERVISED else phase.name + "/"
         regularized = phase.classifier is not None

@@ -116,7 +116,7 @@ def ssl_loss(method: str, spec: dict):
     return functools.partial(nt_xent_loss, temperature=spec["temperature"])
 
 
-def run(config: dict, device, **run_options) -> dict:
+def experiment(config: dict, device, **run_options) -> dict:
     """Pretrain the encoder on two views per image, then probe it; the final classifier is encoder + probe."""
     spec = config["ssl"]
     data = data_mod.load({"seed": config["train"]["seed"], **config["data"]}, device=device)
@@ -131,7 +131,9 @@ def run(config: dict, device, **run_options) -> dict:
 
     def loss(xb, yb):
         views = torch.cat([augment(xb, settings, run.augment_generator) for _ in range(2)])
-        return criterion(*projection(model.features(views)).float().chunk(2)), None
+        z = projection(model.features(views)).float()
+        with torch.autocast(z.device.type, enabled=False):  # correlations / similarities in fp32
+            return criterion(*z.chunk(2)), None
 
     def evaluate():
         return {"pretrain/knn_acc": knn_accuracy(model, data), **encoder_metrics(regularizer, model, data.x_test)}

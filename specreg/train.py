@@ -30,7 +30,7 @@ def supervised(config: dict, device, **run_options) -> dict:
     return run.finish(model, data.x_test, data.y_test) if done else run.summary()
 
 
-TASKS = {"supervised": supervised, "ssl": ssl.run, "transfer": transfer.run}
+TASKS = {"supervised": supervised, "ssl": ssl.experiment, "transfer": transfer.experiment}
 
 
 def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from=None,

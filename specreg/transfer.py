@@ -28,7 +28,8 @@ def l2sp_loss(model, anchor: nn.Module, strength: float):
     return loss
 
 
-def run(config: dict, device, **run_options) -> dict:
+def experiment(config: dict, device, **run_options) -> dict:
+    """Pretrain encoder + source head on `source.data`, then read the target out with a probe or a finetune."""
     seed, stage, settings = config["train"]["seed"], config["regularizer"]["stage"], config["transfer"]
     source = data_mod.load({"seed": seed, **config["source"]["data"]}, device=device)
     target = data_mod.load({"seed": seed, **config["data"]}, device=device)
