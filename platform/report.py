@@ -237,8 +237,11 @@ def overview(data: SweepData) -> list[Block]:
 def best_table(data: SweepData, best: dict) -> list[Block]:
     metrics = ["clean_acc", *(eps_key(data.records, e) for e in data.eps),
                *(m for m in ("adv_dist_median", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
-    rows = [[kind, r.trial_id, r.params.get("regularizer.strength", "—"), r.params.get("regularizer.placement", "—"),
-             *(_with_interval(*data.interval(r, m), m) for m in metrics)] for kind, r in best.items()]
+    rows = []
+    for kind, record in best.items():
+        settings = [record.params.get(f"regularizer.{key}", "—") if kind != "none" else "—"
+                    for key in ("strength", "placement")]
+        rows.append([kind, record.trial_id, *settings, *(_with_interval(*data.interval(record, m), m) for m in metrics)])
     return [Block("heading", "Best trial of each kind"),
             Block("table", columns=["kind", "trial", "strength", "placement", *metrics], rows=rows)]
 
@@ -299,18 +302,21 @@ def settings_figure(data: SweepData) -> list[Block]:
         return [(data.kind(r), cast(r.params[key]), {m: r.metrics.get(m, math.nan) for m in objectives})
                 for r in records if key in r.params]
 
+    def varies(found) -> bool:  # within one kind: across kinds it would be the kind that varies
+        return any(len({x for k, x, _ in found if k == kind}) > 1 for kind in {k for k, _, _ in found})
+
     panels = []
-    strengths = points("regularizer.strength", float, regularized)
-    if len({x for _, x, _ in strengths if x > 0}) > 1:
+    strengths = [p for p in points("regularizer.strength", float, regularized) if p[1] > 0]
+    if varies(strengths):
         panels.append({"title": "strength", "xlabel": "regularizer strength λ (log scale)", "log": True,
-                       "categorical": False, "points": [p for p in strengths if p[1] > 0], "baseline": base_values})
+                       "categorical": False, "points": strengths, "baseline": base_values})
     placements = points("regularizer.placement", str, regularized)
-    if len({x for _, x, _ in placements}) > 1:
+    if varies(placements):
         panels.append({"title": "placement", "xlabel": "layers regularized", "log": False, "categorical": True,
                        "points": placements, "baseline": base_values})
     decay = [r for r in regularized if data.kind(r) == "spectral-decay"]
     exponents = points("regularizer.target_exponent", float, decay)
-    if len({x for _, x, _ in exponents}) > 1:
+    if varies(exponents):
         panels.append({"title": "target exponent (spectral-decay)", "xlabel": "target spectral exponent α",
                        "log": False, "categorical": False, "points": exponents, "baseline": base_values})
     if not panels:
