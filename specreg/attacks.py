@@ -320,13 +320,13 @@ def _estimate_normal(oracle, xb, idx, delta, evals, gen):
         shared /= shared.norm(dim=1, keepdim=True)
         flips = torch.randint(0, 2, (len(rows), 1, d), generator=gen, device=xb.device) * 2.0 - 1.0
         flips *= delta[rows, None, None]  # radius delta
-        probes = (shared * flips).add_(xb[rows, None]).clamp_(0, 1)  # in place: the big tensors
+        probes = torch.addcmul(xb[rows, None], shared, flips).clamp_(0, 1)
         adv, asked = oracle.ask(probes, idx[rows], evals[rows])
-        rv = probes.sub_(xb[rows, None])  # the step actually taken once clipped
         sign = (2 * adv.float() - 1) * asked
         mean = sign.sum(1, keepdim=True) / asked.sum(1, keepdim=True).clamp(min=1)
         sign = torch.where(mean.abs() == 1, sign, (sign - mean) * asked)  # baseline unless unanimous
-        grad = torch.einsum("km,kmd->kd", sign, rv)
+        # sum of sign · (probe − xb), the steps actually taken once clipped, in one pass over the probes
+        grad = torch.einsum("km,kmd->kd", sign, probes) - sign.sum(1, keepdim=True) * xb[rows]
         normals.append(grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-12))
     return torch.cat(normals)
 
