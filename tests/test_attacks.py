@@ -8,6 +8,16 @@ from torch import nn
 from specreg import attacks
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: intra-op threads only add synchronisation, which is what costs when
+    other jobs share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Linear(nn.Module):
     """Logits [0, w·x + b], computed in float64 so the exact boundary distance |w·x + b| / ‖w‖ holds."""
 
@@ -41,10 +51,11 @@ class Counting(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.rows = model, 0
+        self.model, self.rows, self.largest = model, 0, 0
 
     def forward(self, x):
         self.rows += len(x)
+        self.largest = max(self.largest, len(x))
         return self.model(x)
 
 
@@ -81,10 +92,11 @@ def test_linear_boundary_distances_are_near_exact(name):
     assert (result.queries <= 2000).all()
 
 
-def test_noise_side_classifier_still_gets_finite_distances():
+@pytest.mark.parametrize("name", ["tangent", "hsja"])
+def test_noise_side_classifier_still_gets_finite_distances(name):
     model, x, y = noise_side_problem()
     assert 0 < y.sum() < len(y)
-    result = attacks.run(model, x, y, "tangent", 2000, progress=False)
+    result = attacks.run(model, x, y, name, 2000, progress=False)
     exact = model.exact(x)
     assert torch.isfinite(result.distances).all()
     assert (result.distances >= exact - 1e-6).all()
@@ -112,11 +124,19 @@ def test_queries_are_counted_per_row_and_within_budget():
     pool = linear_problem(n=40, seed=1)[1]
     for name, budget in [("tangent", 300), ("hsja", 457), ("hsja", 37), ("boundary-search", 5), ("tangent", 1)]:
         counting = Counting(model)
-        result = attacks.run(counting, x, y, name, budget, start_pool=pool, progress=False)
+        result = attacks.run(counting, x, y, name, budget, start_pool=pool, batch_size=256)
         assert counting.rows == int(result.queries.sum()) + result.pool_queries
+        assert counting.largest <= 256
         assert result.pool_queries == len(pool)
         assert (result.queries <= budget).all()
         assert (result.queries[:3] == 1).all()
+
+
+def test_progress_bar_shows_samples_and_queries(capsys):
+    model, x, y = linear_problem(n=8)
+    attacks.run(model, x, y, "hsja", 300, progress=True)
+    err = capsys.readouterr().err
+    assert "8/8" in err and "queries=" in err
 
 
 def test_reproducible_for_a_seed_and_leaves_global_rng_alone():
