@@ -28,7 +28,7 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
             task = progress.add_task("epochs", total=resolved["train"]["epochs"], status="")
 
             def on_epoch(metrics: dict) -> None:
-                run.log_metrics(metrics, step=metrics["epoch"])
+                run.log_epoch(metrics, step=metrics["epoch"])
                 last = metrics["epoch"] == resolved["train"]["epochs"] and resolved["attack"]
                 progress.update(task, completed=metrics["epoch"], status="attacking…" if last else
                                 f"loss {metrics['train_loss']:.4f}  test acc {metrics['test_acc']:.4f}")

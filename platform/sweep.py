@@ -183,8 +183,8 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
 
     if resume:
         context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
-        if context["spec"] != spec.model_dump(by_alias=True):
-            echo(f"note: resuming with the space the sweep started with, not the current {space_path}")
+        if context["spec"] != spec.model_dump(by_alias=True) or context["mlflow_uri"] != uri:
+            echo(f"note: resuming with the space and tracking URI the sweep started with ({context['mlflow_uri']})")
         spec = SweepSpec.model_validate(context["spec"])
         tracking.retry(tracking.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
     else:
@@ -212,17 +212,21 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     # Trials checkpoint every epoch by design; Tune's warning about frequent state snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    grid = tuner.fit()  # returns on Ctrl-C too, with the sweep's state saved
+    try:
+        grid = tuner.fit()  # returns on Ctrl-C too, with the sweep's state saved
+    except BaseException:
+        _finish_tracking(context, spec, interrupted=True)
+        raise
     interrupted = grid.num_terminated + grid.num_errors < spec.num_samples()
     front = _finish_tracking(context, spec, interrupted)
-    return _report_end(echo, spec, context, sweep_dir, front, interrupted)
-
-
-def _report_end(echo, spec, context, sweep_dir, front, interrupted) -> int:
     if interrupted:
-        echo(f"sweep {spec.name} interrupted; continue it with: specreg sweep SPACE.yaml --name {spec.name} "
-             f"--storage {sweep_dir.parent} --resume")
+        echo(f"sweep {spec.name} interrupted; continue it with: specreg sweep {space_path} --name {spec.name} "
+             f"--storage {storage} --resume")
         return 1
+    return _report_end(echo, spec, context, sweep_dir, front)
+
+
+def _report_end(echo, spec: SweepSpec, context: dict, sweep_dir: Path, front: list) -> int:
     if not front:
         echo(f"sweep {spec.name}: no trial finished; see the Ray logs in {sweep_dir}")
         return 1

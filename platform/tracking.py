@@ -181,10 +181,18 @@ def aggregate(results: list[dict]) -> dict[str, float]:
 
 
 class RunLog:
-    """One MLflow run, written through the client with retries."""
+    """One MLflow run, written through the client with retries.
+
+    Epoch metrics are buffered and sent in one call every FLUSH_SECONDS (one MLflow write costs ~25 ms
+    on SQLite and ~130 ms over HTTP, more than a small model's epoch); `pending` is what is not sent yet,
+    which a trial keeps in its checkpoint so that a retry sends it instead of losing it.
+    """
+    FLUSH_SECONDS = 5.0
 
     def __init__(self, mlflow: MlflowClient, run_id: str):
         self.mlflow, self.run_id = mlflow, run_id
+        self.pending: list[list] = []  # [step, {metric: value}] per buffered epoch
+        self._flushed = time.monotonic()
 
     @classmethod
     def open(cls, mlflow: MlflowClient, experiment_id: str, name: str, tags: dict,
@@ -208,10 +216,22 @@ class RunLog:
             retry(self.mlflow.log_batch, self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Send metrics now (after any buffered epochs)."""
+        self.pending.append([step or 0, scalars(metrics)])
+        self.flush()
+
+    def log_epoch(self, metrics: dict, step: int) -> None:
+        """Buffer one epoch's metrics; send the buffer when FLUSH_SECONDS have passed."""
+        self.pending.append([step, scalars(metrics)])
+        if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step or 0) for k, v in scalars(metrics).items()]
+        items = [Metric(k, v, now, step) for step, metrics in self.pending for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
             retry(self.mlflow.log_batch, self.run_id, metrics=items[start:start + 1000])
+        self.pending, self._flushed = [], time.monotonic()
 
     def set_tags(self, tags: dict) -> None:
         retry(self.mlflow.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
@@ -224,8 +244,8 @@ class RunLog:
             retry(self.mlflow.log_artifacts, self.run_id, staging)
 
     def end(self, status: str, outcome: str, error: str | None = None) -> None:
-        tags = {OUTCOME: outcome, **({ERROR: error} if error else {})}
-        self.set_tags(tags)
+        self.flush()
+        self.set_tags({OUTCOME: outcome, **({ERROR: error} if error else {})})
         retry(self.mlflow.set_terminated, self.run_id, status=status)
 
 

@@ -18,7 +18,7 @@ from . import burnin, tracking
 from .space import SweepSpec, set_dotted
 
 CONTEXT = "_specreg"        # the param_space key holding the sweep's constants
-STATE = "platform.json"     # in every checkpoint: the seed being trained and the finished seeds' metrics
+STATE = "platform.json"     # in every checkpoint: the seeds already done, epoch metrics not yet in MLflow
 TRAIN_DIR = "train"         # in every checkpoint: run_experiment's state
 FINAL = "specreg_final"     # in a trial's last report only
 OUTCOME = "specreg_outcome"
@@ -60,12 +60,14 @@ def run_trial(config: dict) -> None:
 
 
 class Trial:
+    """One trial inside a Tune worker: its MLflow runs, its seeds, its checkpoints."""
+
     def __init__(self, context: dict, spec: SweepSpec, resolved: dict, values: dict):
         self.context, self.spec, self.resolved = context, spec, resolved
         self.seeds = spec.seed_list(resolved)
         self.multi = len(self.seeds) > 1
         self.work = Path(tempfile.mkdtemp(prefix="specreg-trial-"))
-        self.state = {"seed_index": 0, "results": []}
+        self.state = {"results": []}
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
@@ -82,6 +84,11 @@ class Trial:
             params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
             params["seeds"] = self.seeds
         self.config_run.log_params({**params, **tracking.threat_model(resolved)})
+        for run_id, pending in self.state.pop("pending", {}).items():  # buffered when the trial stopped
+            unsent = tracking.RunLog(self.mlflow, run_id)
+            unsent.pending = pending
+            unsent.flush()
+        self.current = self.config_run  # the run being trained: a seed's run with several seeds
 
     def _open(self, name: str, parent: str, role: str, resolved: dict, match: dict) -> tracking.RunLog:
         tags = {**tracking.run_tags(resolved, role, self.context["sweep"], self.context["commit"]),
@@ -92,23 +99,22 @@ class Trial:
     def run(self) -> None:
         import specreg
 
-        current = self.config_run
         try:
             for index in range(len(self.state["results"]), len(self.seeds)):
                 seed = self.seeds[index]
                 seed_config = set_dotted(self.resolved, "train.seed", seed)
                 if self.multi:
-                    current = self._open(f"{self.trial_id}-seed{seed}", self.config_run.run_id, "seed",
-                                         seed_config, {tracking.TRIAL_ID: self.trial_id, tracking.SEED: seed})
-                    current.log_params({**seed_config, **tracking.threat_model(seed_config)})
-                result = self._train(seed_config, current)
-                current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
-                current.log_files(tracking.result_files(seed_config, result, self.work / TRAIN_DIR))
+                    self.current = self._open(
+                        f"{self.trial_id}-seed{seed}", self.config_run.run_id, "seed", seed_config,
+                        {tracking.TRIAL_ID: self.trial_id, tracking.SEED: seed})
+                    self.current.log_params({**seed_config, **tracking.threat_model(seed_config)})
+                result = self._train(seed_config, self.current)
+                self.current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
+                self.current.log_files(tracking.result_files(seed_config, result, self.work / TRAIN_DIR))
                 self.state["results"].append(tracking.scalars(result))
                 if self.multi:
-                    current.end("FINISHED", "finished")
-                    current = self.config_run
-                    self.state["seed_index"] = index + 1
+                    self.current.end("FINISHED", "finished")
+                    self.current = self.config_run
                     shutil.rmtree(self.work / TRAIN_DIR, ignore_errors=True)
                     self._report({**tracking.scalars(result), "seed": seed}, final=False)
             final = self.state["results"][0]
@@ -120,22 +126,22 @@ class Trial:
             self.config_run.end("FINISHED", "finished")
             self._report({**final, FINAL: 1, OUTCOME: "finished"}, final=True)
         except specreg.Diverged as error:
-            self._end(current, "FAILED", "diverged", f"diverged at epoch {error.epoch}")
+            self._end("FAILED", "diverged", f"diverged at epoch {error.epoch}")
             tune.report({**worst_values(self.spec), FINAL: 1, OUTCOME: "diverged",
                          "mlflow_run_id": self.config_run.run_id})
-        except Exception as error:
-            self._end(current, "FAILED", "failed", f"{type(error).__name__}: {error}")
+        except Exception as error:  # Tune retries the trial from its checkpoint, reopening these runs
+            self._end("FAILED", "failed", f"{type(error).__name__}: {error}")
             raise
-        except BaseException:  # Tune stopping the trial (an early stop by the scheduler) exits its thread
-            self._end(current, "KILLED", "early_stopped")
+        except BaseException:  # Tune stopped the trial: send what is buffered; the driver ends the runs
+            self.current.flush()
             raise
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def _end(self, current: tracking.RunLog, status: str, outcome: str, error: str | None = None) -> None:
+    def _end(self, status: str, outcome: str, error: str | None = None) -> None:
         """End the seed run being trained (if any) and the trial's run."""
-        if current is not self.config_run:
-            current.end(status, outcome, error)
+        if self.current is not self.config_run:
+            self.current.end(status, outcome, error)
         self.config_run.end(status, outcome, error)
 
     def _train(self, config: dict, log: tracking.RunLog) -> dict:
@@ -143,26 +149,29 @@ class Trial:
 
         train_dir = self.work / TRAIN_DIR
         resume = train_dir if (train_dir / "state.pt").is_file() else None
-        epochs = burnin.burnin_epochs(config)
+        prefix = burnin.burnin_epochs(config)
         if (resume is None and self.spec.run.shared_burnin and self.context["cache_dir"]
-                and 0 < epochs < config["train"]["epochs"]):
+                and 0 < prefix < config["train"]["epochs"]):
             resume, trained = burnin.ensure(self.context["cache_dir"], config)
             log.set_tags({"specreg.burnin": "trained" if trained else "cached", "specreg.burnin_key": resume.name})
             for metrics in burnin.history(resume):
-                log.log_metrics(metrics, step=metrics["epoch"])
+                log.log_epoch(metrics, step=metrics["epoch"])
+            log.flush()
         seed = config["train"]["seed"]
 
         def on_epoch(metrics: dict) -> None:
-            log.log_metrics(metrics, step=metrics["epoch"])
+            log.log_epoch(metrics, step=metrics["epoch"])
             self._report({**tracking.scalars(metrics), "seed": seed}, final=False)
 
         return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume)
 
     def _report(self, metrics: dict, final: bool) -> None:
         """Report to Tune; every report but the last carries the checkpoint to resume from."""
-        report = {**metrics, **objective_values(self.spec, metrics, final), "mlflow_run_id": self.config_run.run_id}
+        report = {**metrics, **objective_values(self.spec, metrics, final),
+                  "mlflow_run_id": self.config_run.run_id}
         if final:
             tune.report(report)
             return
-        (self.work / STATE).write_text(json.dumps(self.state))
+        pending = {self.current.run_id: self.current.pending} if self.current.pending else {}
+        (self.work / STATE).write_text(json.dumps({**self.state, "pending": pending}))
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(self.work))

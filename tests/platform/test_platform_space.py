@@ -1,5 +1,6 @@
 """Search-space schema, define-by-run conditions, grids, Pareto fronts, intervals, burn-in keys, cluster.yaml."""
 import copy
+import json
 import random
 
 import numpy as np
@@ -181,3 +182,19 @@ def test_searcher_prunes_early_stopped_trials_and_records_a_trial_finished_after
     states = [(t.state.name, t.values) for t in searcher._ot_study.trials]
     assert states == [("PRUNED", None), ("FAIL", None), ("COMPLETE", [0.9, 0.4])]
     assert searcher._ot_study.trials[-1].params == config
+
+
+def test_epoch_metrics_are_buffered_then_sent_with_their_steps(store):
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(store)
+    run = tracking.RunLog.open(mlflow, tracking.ensure_experiment(mlflow, "buffered", store), "run", {})
+    run.log_epoch({"loss": 1.0, "alpha_hat": None}, step=1)
+    run.log_epoch({"loss": 0.5}, step=2)
+    assert mlflow.get_metric_history(run.run_id, "loss") == [] and len(run.pending) == 2
+    retried = tracking.RunLog(mlflow, run.run_id)  # a retried trial sends what its checkpoint kept
+    retried.pending, run.pending = json.loads(json.dumps(run.pending)), []
+    retried.log_metrics({"clean_acc": 0.9}, step=2)
+    run.end("FINISHED", "finished")
+    history = sorted((m.step, m.value) for m in mlflow.get_metric_history(run.run_id, "loss"))
+    assert history == [(1, 1.0), (2, 0.5)] and mlflow.get_run(run.run_id).info.status == "FINISHED"
