@@ -14,9 +14,11 @@ a time on the host, which is what made robustness sweeps slow.
 
 Starting points (shared): uniform noise and, where it fails, blends of the input toward it (queried);
 then the nearest differently-predicted example of the attacked batch and of an optional `start_pool`
-(free: their labels are already known). All candidates are tried and the closest adversarial one wins
-(ties go to the earlier kind). The pool's predictions are a shared one-off cost, reported as
-`pool_queries` rather than charged to any sample.
+(free: their labels are already known). The closest noise/blend candidate and the closest data
+candidate are both binary-searched to the boundary, and the closer boundary point is the start (a far
+noise image often crosses the boundary nearer than a close example of another class, notably in small
+batches). The pool's predictions are a shared one-off cost, reported as `pool_queries` rather than
+charged to any sample.
 """
 import math
 import numbers
@@ -171,16 +173,20 @@ def _attack(model, x, y, name, max_queries, seed, opts):
         pool = pool.detach().to(device, torch.float32).reshape(len(pool), d)
         pool_pred = oracle.predict(pool)
 
-    kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
+    # start from whichever candidate's boundary point (after the binary search) is closest
     todo = everyone[pred == y]
-    starts, kind[todo] = _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts)
-    found = kind[todo] != START_KINDS.index("none")
-    idx = todo[found]
+    starts, kinds, count = _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts)
+    idx, starts, kinds, count = todo[count > 0], starts[count > 0], kinds[count > 0], count[count > 0]
+    found = _binary_search(oracle, x0[idx], starts, idx, steps, count)
+    gap = (found - x0[idx, None]).norm(dim=2).masked_fill(torch.arange(2, device=device) >= count[:, None], math.inf)
+    pick = (torch.arange(len(idx), device=device), gap.argmin(1))
+    cur, post = found[pick], (starts[pick] - x0[idx]).norm(dim=1)  # post: distance before the search
+    kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
+    kind[todo] = START_KINDS.index("none")
+    kind[idx] = kinds[pick]
     adv = x0.clone()
     best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
-    best[kind == START_KINDS.index("misclassified")] = 0.0
-    post = (starts[found] - x0[idx]).norm(dim=1)  # distance before the last binary search
-    cur = _binary_search(oracle, x0[idx], starts[found], idx, steps)
+    best[pred != y] = 0.0
     dist = _record(adv, best, idx, cur, x0)
 
     bar = _progress_bar(opts["progress"], n, max_queries)
@@ -206,7 +212,7 @@ def _attack(model, x, y, name, max_queries, seed, opts):
                     return _tangent_point(origin[rows], cur[rows], u[rows], size)
             cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales)
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
-            cur[ok] = _binary_search(oracle, origin[ok], cand[ok], idx[ok], steps)
+            cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
             dist = _record(adv, best, idx, cur, x0)
     bar.update(n - bar.n)
     bar.set_postfix(queries=int(oracle.queries.sum()))
@@ -237,34 +243,38 @@ def _progress_bar(progress, n, max_queries):
 
 
 def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
-    """The closest adversarial candidate per sample of `todo` and its START_KINDS code (0: none)."""
+    """Per sample of `todo`, up to two adversarial candidates (k, 2, d) with their START_KINDS codes and
+    count: the closest noise or blend image (queried), then the closest differently-predicted example of
+    the batch or the pool (free). Slots are packed: a sample with one candidate has it first."""
     k, d = len(todo), x0.shape[1]
     xt, yt = x0[todo], y[todo]
-    best = torch.full((k,), math.inf, device=x0.device)
-    starts = xt.clone()
-    kind = torch.zeros(k, dtype=torch.long, device=x0.device)
+    best = torch.full((k, 2), math.inf, device=x0.device)
+    starts = xt[:, None].repeat(1, 2, 1)
+    kind = torch.zeros(k, 2, dtype=torch.long, device=x0.device)
 
-    def offer(rows, points, dist, name):
-        better = dist < best[rows]
+    def offer(slot, rows, points, dist, name):
+        better = dist < best[rows, slot]
         rows = rows[better]
-        best[rows], starts[rows], kind[rows] = dist[better], points[better], START_KINDS.index(name)
+        best[rows, slot], starts[rows, slot], kind[rows, slot] = dist[better], points[better], START_KINDS.index(name)
 
     rows = torch.arange(k, device=x0.device)
     if opts["noise_starts"] and k:
         noise = torch.rand(k, int(opts["noise_starts"]), d, generator=gen, device=x0.device)
         hit, _ = oracle.ask(noise, todo)
-        offer(rows, *_closest(xt, noise, hit), "noise")
+        offer(0, rows, *_closest(xt, noise, hit), "noise")
         miss = rows[~hit.any(1)]
         if len(miss) and len(opts["blends"]):
             t = torch.tensor(opts["blends"], device=x0.device)[None, None, :, None]
             blends = torch.lerp(xt[miss, None, None], noise[miss, :, None], t).flatten(1, 2)
             hit, _ = oracle.ask(blends, todo[miss])
-            offer(miss, *_closest(xt[miss], blends, hit), "blend")
+            offer(0, miss, *_closest(xt[miss], blends, hit), "blend")
     for points, labels, name in ((x0, pred, "nearest"), (pool, pool_pred, "pool")):
         if labels is not None and k:
             j, dist = _nearest(xt, yt, points, labels, oracle.batch_size)
-            offer(rows, points[j], dist, name)
-    return starts, kind
+            offer(1, rows, points[j], dist, name)
+    swap = (kind[:, 0] == 0) & (kind[:, 1] != 0)
+    starts[swap], kind[swap] = starts[swap].flip(1), kind[swap].flip(1)
+    return starts, kind, (kind != 0).sum(1)
 
 
 def _closest(x, points, ok):
@@ -286,17 +296,18 @@ def _nearest(x, y, points, labels, batch_size):
     return torch.cat(index), torch.cat(dists)
 
 
-def _binary_search(oracle, x0, xa, idx, steps):
-    """Walk from adversarial xa toward x0 until within 2^-steps (blend factor) of the boundary.
-    Every returned point was queried and found adversarial (or is xa itself)."""
-    lo = torch.zeros(len(idx), device=x0.device)
-    hi = torch.ones(len(idx), device=x0.device)
+def _binary_search(oracle, x0, xa, idx, steps, count=None):
+    """Walk from each adversarial candidate xa (k, c, d) toward x0 (k, d) until within 2^-steps (blend
+    factor) of the boundary; only the first count[i] candidates of sample i are searched. Every
+    returned point was queried and found adversarial (or is its candidate)."""
+    k, c = xa.shape[:2]
+    lo = torch.zeros(k, c, device=x0.device)
+    hi = torch.ones(k, c, device=x0.device)
     out = xa.clone()
     for _ in range(steps):
         mid = (lo + hi) / 2
-        points = torch.lerp(x0, xa, mid[:, None]).clamp_(0, 1)
-        adv, asked = oracle.ask(points[:, None], idx)
-        adv, asked = adv[:, 0], asked[:, 0]
+        points = torch.lerp(x0[:, None], xa, mid[..., None]).clamp_(0, 1)
+        adv, asked = oracle.ask(points, idx, count)
         if not asked.any():
             break
         out[adv] = points[adv]
