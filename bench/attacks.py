@@ -68,8 +68,9 @@ def idx(name):
 
 
 def fashion():
-    images = {split: idx(f"{split}-images-idx3-ubyte").float().div(255).unsqueeze(1) for split in ("train", "t10k")}
-    labels = {split: idx(f"{split}-labels-idx1-ubyte").long() for split in ("train", "t10k")}
+    splits = ("train", "t10k")
+    images = {split: idx(f"{split}-images-idx3-ubyte").float().div(255).unsqueeze(1) for split in splits}
+    labels = {split: idx(f"{split}-labels-idx1-ubyte").long() for split in splits}
     return images["train"], labels["train"], images["t10k"], labels["t10k"]
 
 
@@ -165,8 +166,8 @@ def compare(title, model, x_test, y_test, art_points, points, max_iter):
                       for i in range(art_points)])
     s = time.perf_counter() - start
     rows.append(f"| {title} | ours hsja, one point per call (noise start) | {art_points} | {budget} | "
-                f"{median(solo):.4f} | {median(solo) / median(fair):.3f} | {torch.isfinite(solo).float().mean():.0%} | "
-                f"{s:.2f} ({1000 * s / art_points:.1f}) | {art_s / s:.1f} |")
+                f"{median(solo):.4f} | {median(solo) / median(fair):.3f} | "
+                f"{torch.isfinite(solo).float().mean():.0%} | {s:.2f} ({1000 * s / art_points:.1f}) | {art_s / s:.1f} |")
     return rows
 
 

@@ -173,17 +173,10 @@ def _attack(model, x, y, name, max_queries, seed, opts):
         pool = pool.detach().to(device, torch.float32).reshape(len(pool), d)
         pool_pred = oracle.predict(pool)
 
-    # start from whichever candidate's boundary point (after the binary search) is closest
-    todo = everyone[pred == y]
-    starts, kinds, count = _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts)
-    idx, starts, kinds, count = todo[count > 0], starts[count > 0], kinds[count > 0], count[count > 0]
-    found = _binary_search(oracle, x0[idx], starts, idx, steps, count)
-    gap = (found - x0[idx, None]).norm(dim=2).masked_fill(torch.arange(2, device=device) >= count[:, None], math.inf)
-    pick = (torch.arange(len(idx), device=device), gap.argmin(1))
-    cur, post = found[pick], (starts[pick] - x0[idx]).norm(dim=1)  # post: distance before the search
     kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
+    todo = everyone[pred == y]
     kind[todo] = START_KINDS.index("none")
-    kind[idx] = kinds[pick]
+    idx, cur, post, kind[idx] = _start(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts, steps)
     adv = x0.clone()
     best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
     best[pred != y] = 0.0
@@ -242,6 +235,19 @@ def _progress_bar(progress, n, max_queries):
     return tqdm(total=n, unit="sample", desc="attack", disable=not progress, leave=False)
 
 
+def _start(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts, steps):
+    """Binary-search each sample's candidates to the boundary and start from the closest boundary point.
+    Returns the samples that have one, their start, its distance before the search, and its kind."""
+    starts, kinds, count = _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts)
+    has = count > 0
+    idx, starts, kinds, count = todo[has], starts[has], kinds[has], count[has]
+    found = _binary_search(oracle, x0[idx], starts, idx, steps, count)
+    gap = (found - x0[idx, None]).norm(dim=2)
+    gap[torch.arange(2, device=gap.device) >= count[:, None]] = math.inf
+    pick = (torch.arange(len(idx), device=gap.device), gap.argmin(1))
+    return idx, found[pick], (starts[pick] - x0[idx]).norm(dim=1), kinds[pick]
+
+
 def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
     """Per sample of `todo`, up to two adversarial candidates (k, 2, d) with their START_KINDS codes and
     count: the closest noise or blend image (queried), then the closest differently-predicted example of
@@ -255,7 +261,8 @@ def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
     def offer(slot, rows, points, dist, name):
         better = dist < best[rows, slot]
         rows = rows[better]
-        best[rows, slot], starts[rows, slot], kind[rows, slot] = dist[better], points[better], START_KINDS.index(name)
+        best[rows, slot], starts[rows, slot] = dist[better], points[better]
+        kind[rows, slot] = START_KINDS.index(name)
 
     rows = torch.arange(k, device=x0.device)
     if opts["noise_starts"] and k:
