@@ -116,7 +116,7 @@ def _fmt(value, metric: str = "") -> str:
 
 def _with_interval(value, low, high, metric: str) -> str:
     text = _fmt(value, metric)
-    return text if low is None or low == high else f"{text} [{_fmt(low, metric)}, {_fmt(high, metric)}]"
+    return text if low is None else f"{text} [{_fmt(low, metric)}, {_fmt(high, metric)}]"
 
 
 def eps_values(records) -> list[float]:
@@ -172,7 +172,7 @@ class SweepData:
         return [k for k in figures.KINDS if k in present] + sorted(present - set(figures.KINDS))
 
     def seed_values(self, record, metric: str) -> list[float]:
-        return [m[metric] for _, m in sorted(self.seeds.get(record.run_id, {}).items()) if metric in m]
+        return [m[metric] for _, (_, m) in sorted(self.seeds.get(record.run_id, {}).items()) if metric in m]
 
     def interval(self, record, metric: str, bootstrap: bool = False):
         """(mean, low, high) over the config's seeds: the platform's t-interval (as MLflow and export show

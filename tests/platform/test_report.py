@@ -143,7 +143,12 @@ def test_confirm_reruns_the_best_config_with_fresh_seeds_and_export_prefers_it(t
     assert "## Confirmation with fresh seeds" in (out / "report.md").read_text()
     result = cli("report", "rq-confirm", "--out", tmp / "child-report", "--format", "md", "--mlflow", store)
     assert result.exit_code == 0, result.output
-    assert "seed-aware Pareto front" in (tmp / "child-report" / "report.md").read_text()
+    text = (tmp / "child-report" / "report.md").read_text()
+    assert "seed-aware Pareto front" in text
+    front_rows = [line for line in text.split("## Pareto front")[1].split("\n## ")[0].splitlines()
+                  if line.startswith("| ") and "trial" not in line]
+    assert front_rows and all(re.search(r"\d% \[[\d.]+%, [\d.]+%\]", cell)  # seed mean [bootstrap interval]
+                              for row in front_rows for cell in row.split("|")[3:-1])
 
 
 def test_paired_differences_match_a_direct_computation():
