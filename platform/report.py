@@ -211,12 +211,18 @@ class SweepData:
         return found
 
     def labels(self, records) -> dict[str, str]:
-        """A short label per record: the searched values that differ between the records."""
+        """A short label per record: the searched values that differ between the records (for kind none,
+        no other regularizer setting, which it ignores)."""
         flats = {r.run_id: flatten(r.searched) for r in records}
         keys = list(dict.fromkeys(k for f in flats.values() for k in f))
         varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
-        return {r.run_id: ", ".join(f"{k.split('.')[-1]}={_fmt(flats[r.run_id].get(k))}" for k in varying
-                                    if k in flats[r.run_id]) or r.trial_id for r in records}
+        labels = {}
+        for record in records:
+            flat = flats[record.run_id]
+            shown = [k for k in varying if k in flat and not (
+                self.kind(record) == "none" and k.startswith("regularizer.") and k != "regularizer.kind")]
+            labels[record.run_id] = ", ".join(f"{k.split('.')[-1]}={_fmt(flat[k])}" for k in shown) or record.trial_id
+        return labels
 
 
 # --- sections -------------------------------------------------------------------------------------------
