@@ -18,6 +18,7 @@ SEEDS = "specreg.seeds"
 
 @dataclass
 class TrialRecord:
+    """One trial's MLflow run (an ablation's config run), as the listing and export commands read it."""
     sweep: str
     run_id: str
     trial_id: str
@@ -38,6 +39,7 @@ class TrialRecord:
 
 @dataclass
 class Sweep:
+    """A sweep's parent run and what it was searching for."""
     name: str
     experiment_id: str
     parent_run_id: str

@@ -1,13 +1,16 @@
 """The Ray Tune function trainable: one trial is one config, trained over every seed of the sweep.
 
-The trial tracks itself in MLflow from the worker it runs on, reports every epoch to Tune with a
-checkpoint (the training state plus which seeds are done), and resumes from that checkpoint when Tune
-retries it. Objectives that are only known at the end are reported as NaN until the final report.
+The trial tracks itself in MLflow from the worker it runs on, reports every epoch to Tune, and attaches a
+checkpoint (the training state plus which seeds are done) to an epoch's report when CHECKPOINT_SECONDS
+have passed since the last one and to the last epoch of every seed: every epoch for real models, a few per
+trial for toy ones whose epochs take less than persisting a checkpoint. A retried trial resumes from its
+last checkpoint. Objectives only known at the end are reported as NaN until the final report.
 """
 import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -22,6 +25,7 @@ STATE = "platform.json"     # in every checkpoint: the seeds already done, epoch
 TRAIN_DIR = "train"         # in every checkpoint: run_experiment's state
 FINAL = "specreg_final"     # in a trial's last report only
 OUTCOME = "specreg_outcome"
+CHECKPOINT_SECONDS = 10.0
 
 
 def searched(config: dict) -> dict:
@@ -29,13 +33,14 @@ def searched(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != CONTEXT}
 
 
-def objective_values(spec: SweepSpec, metrics: dict, final: bool) -> dict:
-    """Every objective for a Tune report: its value, or NaN where it is not known yet."""
+def objective_values(spec: SweepSpec, metrics: dict) -> dict:
+    """Every objective for a Tune report: its value (an epoch's test accuracy standing for `clean_acc`),
+    or NaN where it is not known yet."""
     out = {}
     for metric in spec.metrics:
         if metric in metrics:
             out[metric] = metrics[metric]
-        elif metric == "clean_acc" and not final and "test_acc" in metrics:
+        elif metric == "clean_acc" and "test_acc" in metrics:
             out[metric] = metrics["test_acc"]
         else:
             out[metric] = math.nan
@@ -89,6 +94,7 @@ class Trial:
             unsent.pending = pending
             unsent.flush()
         self.current = self.config_run  # the run being trained: a seed's run with several seeds
+        self.checkpointed = time.monotonic()
 
     def _open(self, name: str, parent: str, role: str, resolved: dict, match: dict) -> tracking.RunLog:
         tags = {**tracking.run_tags(resolved, role, self.context["sweep"], self.context["commit"]),
@@ -116,7 +122,7 @@ class Trial:
                     self.current.end("FINISHED", "finished")
                     self.current = self.config_run
                     shutil.rmtree(self.work / TRAIN_DIR, ignore_errors=True)
-                    self._report({**tracking.scalars(result), "seed": seed}, final=False)
+                    self._report({**tracking.scalars(result), "seed": seed}, checkpoint=True)
             final = self.state["results"][0]
             if self.multi:
                 final = tracking.aggregate(self.state["results"])
@@ -124,7 +130,7 @@ class Trial:
                 self.config_run.log_files({"config.yaml": tracking.config_yaml(
                     set_dotted(self.resolved, "train.seed", self.seeds[0]))})
             self.config_run.end("FINISHED", "finished")
-            self._report({**final, FINAL: 1, OUTCOME: "finished"}, final=True)
+            self._report({**final, FINAL: 1, OUTCOME: "finished"}, checkpoint=False)
         except specreg.Diverged as error:
             self._end("FAILED", "diverged", f"diverged at epoch {error.epoch}")
             tune.report({**worst_values(self.spec), FINAL: 1, OUTCOME: "diverged",
@@ -161,17 +167,20 @@ class Trial:
 
         def on_epoch(metrics: dict) -> None:
             log.log_epoch(metrics, step=metrics["epoch"])
-            self._report({**tracking.scalars(metrics), "seed": seed}, final=False)
+            due = time.monotonic() - self.checkpointed >= CHECKPOINT_SECONDS
+            self._report({**tracking.scalars(metrics), "seed": seed},
+                         checkpoint=due or metrics["epoch"] == config["train"]["epochs"])
 
         return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume)
 
-    def _report(self, metrics: dict, final: bool) -> None:
-        """Report to Tune; every report but the last carries the checkpoint to resume from."""
-        report = {**metrics, **objective_values(self.spec, metrics, final),
+    def _report(self, metrics: dict, checkpoint: bool) -> None:
+        """Report to Tune, with the checkpoint to resume from if asked."""
+        report = {**metrics, **objective_values(self.spec, metrics),
                   "mlflow_run_id": self.config_run.run_id}
-        if final:
+        if not checkpoint:
             tune.report(report)
             return
         pending = {self.current.run_id: self.current.pending} if self.current.pending else {}
         (self.work / STATE).write_text(json.dumps({**self.state, "pending": pending}))
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(self.work))
+        self.checkpointed = time.monotonic()
