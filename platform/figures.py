@@ -196,9 +196,10 @@ def paired_differences(by_metric: dict[str, list[dict]]) -> Figure:
     rows: {"label", "mean", "low", "high", "p_holm"}; black where the Holm-corrected p is below 0.05.
     """
     panels = {m: rows for m, rows in by_metric.items() if rows}
-    height = 0.45 * max(len(rows) for rows in panels.values()) + 1.6
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
-    for ax, (metric, rows) in zip(axes[0], panels.items()):
+    heights = [0.35 * len(rows) + 0.9 for rows in panels.values()]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.6), squeeze=False,
+                                gridspec_kw={"height_ratios": heights})
+    for ax, (metric, rows) in zip(axes[:, 0], panels.items()):
         for y, row in enumerate(rows):
             significant = math.isfinite(row["p_holm"]) and row["p_holm"] < 0.05
             ax.errorbar([percent(metric, row["mean"])], [y],
@@ -207,7 +208,8 @@ def paired_differences(by_metric: dict[str, list[dict]]) -> Figure:
         ax.axvline(0, color="grey", linewidth=1)
         ax.set_yticks(range(len(rows)), [f"{r['label']}  (p_Holm {r['p_holm']:.2g})" for r in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set(xlabel=f"difference in {axis_label(metric)}")
+        unit = "percentage points" if is_accuracy(metric) else DISTANCE if "dist" in metric else "metric units"
+        ax.set(xlabel=f"difference in {metric} ({unit})")
         ax.grid(alpha=0.3, axis="x")
     figure.suptitle("Paired differences between arms sharing seeds (mean, 95% bootstrap interval)")
     figure.tight_layout()

@@ -119,6 +119,11 @@ def _with_interval(value, low, high, metric: str) -> str:
     return text if low is None else f"{text} [{_fmt(low, metric)}, {_fmt(high, metric)}]"
 
 
+def _difference(value: float, metric: str) -> str:
+    """A difference of accuracies in percentage points (two decimals), others to three digits."""
+    return f"{100 * value:+.2f} pp" if figures.is_accuracy(metric) else f"{value:+.3g}"
+
+
 def eps_values(records) -> list[float]:
     return sorted({float(m.group(1)) for r in records for k in r.metrics if (m := EPS_METRIC.match(k))})
 
@@ -221,7 +226,8 @@ class SweepData:
             flat = flats[record.run_id]
             shown = [k for k in varying if k in flat and not (
                 self.kind(record) == "none" and k.startswith("regularizer.") and k != "regularizer.kind")]
-            labels[record.run_id] = ", ".join(f"{k.split('.')[-1]}={_fmt(flat[k])}" for k in shown) or record.trial_id
+            labels[record.run_id] = ", ".join(_fmt(flat[k]) if k == "regularizer.kind" else f"{k.split('.')[-1]}={_fmt(flat[k])}"
+                                              for k in shown) or record.trial_id
         return labels
 
 
@@ -449,9 +455,9 @@ def paired_section(data: SweepData) -> list[Block]:
         rows = paired_differences(arms, pairs)
         by_metric[metric] = rows
         blocks.append(Block("table", columns=[f"{metric}: a − b", "seeds", "mean", "95% interval", "p", "p (Holm)"],
-                            rows=[[r["label"], len(r["seeds"]), _fmt(r["mean"], metric),
-                                   f"[{_fmt(r['low'], metric)}, {_fmt(r['high'], metric)}]", _fmt(r["p"]),
-                                   _fmt(r["p_holm"])] for r in rows]))
+                            rows=[[r["label"], len(r["seeds"]), _difference(r["mean"], metric),
+                                   f"[{_difference(r['low'], metric)}, {_difference(r['high'], metric)}]",
+                                   _fmt(r["p"]), _fmt(r["p_holm"])] for r in rows]))
     if any(by_metric.values()):
         blocks.append(Block("figure", "Paired differences with 95% bootstrap intervals (black: Holm p < 0.05).",
                             png=figures.png(figures.paired_differences(by_metric)), name="paired_differences"))
