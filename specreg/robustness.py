@@ -1,9 +1,12 @@
 """Robustness metrics from minimal L2 adversarial distances found by a decision-based attack.
 
-Conventions: the first `samples` test points are attacked; misclassified ones count as distance 0
-(RobustBench). Points with no starting point (the model predicted their class everywhere the attack
-looked) have distance inf but are never counted as robust: they lower every robust accuracy and are
-reported as `attack_start_failures`. The start pool comes from the rest of the test set.
+Conventions: the first `samples` test points are attacked (at most the whole test set); misclassified
+ones count as distance 0 (RobustBench). Points with no starting point (the model predicted their class
+everywhere the attack looked) have distance inf but are never counted as robust: they lower every robust
+accuracy and the AUC, and are reported as `attack_start_failures`. `adv_dist_median` and `adv_dist_mean`
+are over the points with a finite distance. The start pool (`start_pool` points, default 1000) is drawn
+with the seed from the rest of the test set; its one-off predictions are `attack_pool_queries`, apart
+from the per-point `attack_queries_mean`.
 """
 import math
 import numbers
