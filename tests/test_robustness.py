@@ -78,3 +78,13 @@ def test_bad_specs_fail_before_any_query(change, fault):
     with pytest.raises(ValueError, match=fault):
         robustness.evaluate(counting, (x, y), SPEC | change)
     assert counting.rows == 0
+
+
+def test_model_output_is_checked_before_the_attack():
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.reshape(len(x), -1).sum(1)
+
+    _, x, y = linear_problem(n=10)
+    with pytest.raises(ValueError, match="shape \\(N, classes\\)"):
+        robustness.evaluate(Flat(), (x, y), SPEC)
