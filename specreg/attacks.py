@@ -79,6 +79,7 @@ def validate(name, max_queries, options) -> dict:
 
 
 def model_device(model) -> torch.device:
+    """Where the model's parameters (or buffers) live; the attack runs there."""
     tensor = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
