@@ -431,7 +431,8 @@ def importance_section(data: SweepData) -> list[Block]:
 
 
 def paired_section(data: SweepData) -> list[Block]:
-    """Paired differences between the configs (arms) that share seeds, for every objective."""
+    """Paired differences between the configs (arms) that share seeds, for every objective and the median
+    adversarial distance."""
     records = [r for r in data.records if len(data.seeds.get(r.run_id, {})) > 1]
     if len(records) < 2:
         return []
@@ -448,8 +449,10 @@ def paired_section(data: SweepData) -> list[Block]:
               Block("text", f"Arms are ordered by {first['metric']}; compared: {how}. Difference a − b per shared seed; "
                             "mean, 95% percentile bootstrap interval, two-sided paired t-test p-value, "
                             "Holm-corrected within each metric.")]
-    for objective in data.objectives:
-        metric = objective["metric"]
+    metrics = [o["metric"] for o in data.objectives]
+    if data.robust and "adv_dist_median" not in metrics:
+        metrics.append("adv_dist_median")  # the distance view of robustness, free of the choice of ε
+    for metric in metrics:
         arms = {labels[r.run_id]: {s: m[metric] for s, (_, m) in data.seeds[r.run_id].items() if metric in m}
                 for r in records}
         rows = paired_differences(arms, pairs)
