@@ -1,13 +1,12 @@
 """The study of docs/results.md, through the `specreg` command, and the tables of its numbers.
 
-    python bench/study.py run      # the sweeps, the confirmation and the reports (about 35 min on 2 cores)
+    python bench/study.py run      # the sweeps, the confirmation and the reports (~40 min on 2 shared cores)
     python bench/study.py tables   # the Markdown tables of docs/results.md, from the MLflow store
 
 Every step is a `specreg` command (printed before it runs), so each number has a platform command behind it.
 """
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
