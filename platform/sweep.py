@@ -27,9 +27,13 @@ CACHE_DIR = "burnin-cache"
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at address, or start a local Ray instance (reused if this process has one)."""
+    """Join the cluster at address, or start a new local Ray instance (reused if this process has one).
+
+    address=None means "local": Ray's own default would silently join the last cluster started on this
+    machine, whoever started it.
+    """
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
