@@ -249,6 +249,22 @@ class RunLog:
         retry(self.mlflow.set_terminated, self.run_id, status=status)
 
 
+def not_yet_sent(mlflow: MlflowClient, run_id: str, pending: list[list]) -> list[list]:
+    """The buffered epochs (from a checkpoint) that the run does not hold yet: an attempt that failed
+    flushed its buffer before ending, so its retry must not send those epochs again."""
+    sent: dict[str, set] = {}
+    out = []
+    for step, metrics in pending:
+        if not metrics:
+            continue
+        key = next(iter(metrics))  # an epoch's metrics are sent together: one key tells
+        if key not in sent:
+            sent[key] = {m.step for m in retry(mlflow.get_metric_history, run_id, key)}
+        if step not in sent[key]:
+            out.append([step, metrics])
+    return out
+
+
 def close_trial_runs(mlflow: MlflowClient, experiment_id: str, trial_id: str, status: str, outcome: str,
                      error: str | None = None) -> None:
     """End a trial's runs (config and seeds) that are still RUNNING: the trial could not (stopped, lost)."""

@@ -91,7 +91,7 @@ class Trial:
         self.config_run.log_params({**params, **tracking.threat_model(resolved)})
         for run_id, pending in self.state.pop("pending", {}).items():  # buffered when the trial stopped
             unsent = tracking.RunLog(self.mlflow, run_id)
-            unsent.pending = pending
+            unsent.pending = tracking.not_yet_sent(self.mlflow, run_id, pending)  # a failed attempt flushed
             unsent.flush()
         self.current = self.config_run  # the run being trained: a seed's run with several seeds
         self.checkpointed = time.monotonic()
