@@ -1,0 +1,92 @@
+"""Shared pieces of the reliability tests: a local Ray instance whose workers load the test's faults,
+real MLflow stores, tiny sweeps, and the `specreg` command run in this process or as a subprocess."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+import faults
+from specreg_platform.cli import app
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+# A trial of a few seconds on 2 cores: digits, one hidden layer of 16, 3 epochs, a 10-point attack.
+TINY_BASE = {
+    "task": "supervised",
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "widths": [16]},
+    "train": {"epochs": 3, "batch_size": 128, "lr": 0.05},
+    "regularizer": {"kind": "none"},
+    "attack": {"name": "tangent", "samples": 10, "max_queries": 100, "eps": [0.5, 1.0]},
+}
+
+
+def grid_space(name: str, key: str, values: list, **changes) -> dict:
+    """A sweep with one trial per value of `key` (grid sampler: the trials are known in advance)."""
+    space = {"name": name, "base": copy.deepcopy(TINY_BASE), "search": {key: {"grid": values}},
+             "sampler": {"name": "grid"}, "objectives": [{"metric": "clean_acc", "mode": "max"}],
+             "samples": len(values)}
+    space.update(changes)
+    return space
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])},
+               "worker_process_setup_hook": "faults.install"}
+
+
+def ensure_ray() -> None:
+    """The tests' local Ray instance (2 CPUs) whose workers install the faults; one started without
+    them (by another test folder) is replaced."""
+    if ray.is_initialized():
+        hook = (ray.get_runtime_context().runtime_env or {}).get("worker_process_setup_hook")
+        if hook == RUNTIME_ENV["worker_process_setup_hook"]:
+            return
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=RUNTIME_ENV,
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
+
+
+def cli(*args):
+    """Run `specreg ARGS` in this process (so sweeps join the tests' Ray instance)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def specreg_process(*args, cwd, **kwargs) -> subprocess.Popen:
+    """`specreg ARGS` as its own process (in its own session, so the test can kill all of it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen([sys.executable, "-c", "from specreg_platform.cli import main; main()",
+                             *[str(a) for a in args]], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _faults_here():
+    faults.install()  # the driver validates configs with the same builders the workers use
+    yield
+    ray.shutdown()
+
+
+def sqlite_uri(folder: Path) -> str:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow SQLite store per test module (creating one takes seconds)."""
+    return sqlite_uri(tmp_path_factory.mktemp("mlflow"))

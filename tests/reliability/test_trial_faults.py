@@ -1,0 +1,102 @@
+"""A trial that raises is retried from its checkpoint and continues its MLflow run; one that keeps
+raising ends FAILED with its error; a NaN loss ends a trial as `diverged`; the sweep goes on."""
+import math
+
+import pytest
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from specreg_platform import results
+
+from conftest import cli, ensure_ray, grid_space, write_yaml
+
+pytestmark = pytest.mark.integration
+
+
+def _sweep(tmp_path, space: dict, store: str) -> dict:
+    ensure_ray()
+    path = write_yaml(tmp_path / f"{space['name']}.yaml", space)
+    result = cli("sweep", path, "--mlflow", store, "--storage", tmp_path / "runs", "--max-concurrent", "2")
+    mlflow = MlflowClient(store)
+    sweep = results.find_sweep(mlflow, space["name"])
+    runs = mlflow.search_runs([sweep.experiment_id], "tags.`specreg.role` = 'trial'", max_results=100)
+    ray_trials = tune.ExperimentAnalysis(str(tmp_path / "runs" / space["name"])).trials
+    return {"result": result, "mlflow": mlflow, "sweep": sweep, "dir": tmp_path / "runs" / space["name"],
+            "runs": runs,
+            "ray": {str(t.config[list(space["search"])[0]]): t for t in ray_trials}}
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory, store):
+    """Three trials, each raising at epoch 2 until it has failed 0, 1 or 9 times; one retry allowed."""
+    tmp = tmp_path_factory.mktemp("failing")
+    (tmp / "faults").mkdir()
+    space = grid_space("failing", "model.fail_times", [0, 1, 9], run={"max_failures": 1})
+    space["base"]["model"].update(fail_at_epoch=2, fail_log=str(tmp / "faults"))
+    done = _sweep(tmp, space, store)
+    done["runs"] = {r.data.params["model.fail_times"]: r for r in done["runs"]}
+    done["failures"] = {str(n): len((tmp / "faults" / f"fail_times={n}").read_text().splitlines())
+                        for n in (0, 1, 9)}
+    return done
+
+
+def test_the_sweep_goes_on_past_a_failing_trial(failing):
+    assert failing["result"].exit_code == 0, failing["result"].output
+    assert sorted(failing["runs"]) == ["0", "1", "9"], "one MLflow run per trial, none duplicated"
+    assert failing["runs"]["0"].info.status == "FINISHED"
+
+
+def test_a_trial_that_fails_once_resumes_from_its_checkpoint_in_the_same_run(failing):
+    assert failing["failures"]["1"] == 1
+    run = failing["runs"]["1"]
+    assert run.info.status == "FINISHED" and run.data.tags["specreg.outcome"] == "finished"
+    assert failing["ray"]["1"].status == "TERMINATED" and failing["ray"]["1"].num_failures == 1
+    # Epoch 1 ran once: the retry started from the epoch-1 checkpoint, not from scratch, and kept
+    # logging into the same run (one value per epoch, none twice).
+    history = failing["mlflow"].get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert "clean_acc" in run.data.metrics and "adv_acc_eps_1.0" in run.data.metrics
+
+
+def test_a_trial_failing_past_max_failures_ends_failed_with_its_error(failing):
+    assert failing["failures"]["9"] == 2, "the first attempt and one retry (run.max_failures: 1)"
+    run = failing["runs"]["9"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["specreg.outcome"] == "failed"
+    assert "InjectedFault: injected fault at epoch 2" in run.data.tags["specreg.error"]
+    assert failing["ray"]["9"].status == "ERROR"
+    assert "injected fault" in (failing["ray"]["9"].error_file and open(failing["ray"]["9"].error_file).read())
+
+
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory, store):
+    """Two trials: one whose loss turns NaN at epoch 2, one healthy."""
+    tmp = tmp_path_factory.mktemp("diverging")
+    done = _sweep(tmp, grid_space("diverging", "model.nan_at_epoch", [2, 99]), store)
+    done["runs"] = {r.data.params["model.nan_at_epoch"]: r for r in done["runs"]}
+    return done
+
+
+def test_a_nan_loss_ends_the_trial_as_diverged_keeping_its_finite_metrics(diverging):
+    assert diverging["result"].exit_code == 0, diverging["result"].output
+    run = diverging["runs"]["2"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["specreg.outcome"] == "diverged"
+    assert "epoch 2" in run.data.tags["specreg.error"]
+    history = diverging["mlflow"].get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1] and math.isfinite(history[0].value)
+    assert all(math.isfinite(v) for v in run.data.metrics.values())
+    # Ray saw a result, not an exception
+    assert diverging["ray"]["2"].status == "TERMINATED" and diverging["ray"]["2"].num_failures == 0
+
+
+def test_other_trials_continue_and_the_searcher_is_told_a_bad_value(diverging):
+    healthy = diverging["runs"]["99"]
+    assert healthy.info.status == "FINISHED" and healthy.data.tags["specreg.outcome"] == "finished"
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(diverging["dir"]))
+    trials = searcher._ot_study.trials
+    assert len(trials) == 2
+    assert all(t.state.name == "COMPLETE" for t in trials), [t.state for t in trials]
+    assert sorted(t.value for t in trials)[0] == -math.inf
