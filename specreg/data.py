@@ -30,8 +30,11 @@ class DatasetNotFound(ValueError):
     """The dataset is in none of the places looked and could not be downloaded; `.looked` lists them."""
 
     def __init__(self, name: str, looked: list[str]):
-        self.looked = looked
+        self.name, self.looked = name, looked
         super().__init__(f"dataset {name!r} not found; looked in: " + "; ".join(looked))
+
+    def __reduce__(self):  # so that it survives pickling (a Ray worker sends it to the driver)
+        return type(self), (self.name, self.looked)
 
 
 @dataclass
@@ -239,13 +242,27 @@ def _idx_files(folder: Path):
     return None if None in files else files
 
 
+def _locate_idx(spec: dict):
+    subdirs, system, class_name = _IDX_SOURCES[spec["name"]]
+    places = _search_dirs(spec, subdirs) + [Path(p) for p in system]
+    return _locate(spec["name"], places, _idx_files, _torchvision_download(spec, class_name))
+
+
+def check_available(spec: dict) -> None:
+    """Raise DatasetNotFound unless a downloadable dataset (MNIST, Fashion-MNIST, CIFAR) is on disk or can
+    be downloaded now (it is then downloaded), without reading it: for a driver that checks before it
+    starts trials. Other datasets are not checked here."""
+    if spec["name"] in _CIFAR_SOURCES:
+        _locate_cifar(spec)
+    elif spec["name"] in _IDX_SOURCES:
+        _locate_idx(spec)
+
+
 @register("mnist", keys=("root", "download"))
 @register("fashion_mnist", keys=("root", "download"))
 def _idx_dataset(spec: dict) -> Arrays:
     """MNIST / Fashion-MNIST from IDX files, 1×28×28."""
-    subdirs, system, class_name = _IDX_SOURCES[spec["name"]]
-    places = _search_dirs(spec, subdirs) + [Path(p) for p in system]
-    files = _locate(spec["name"], places, _idx_files, _torchvision_download(spec, class_name))
+    files = _locate_idx(spec)
     x_train, y_train, x_test, y_test = (_read_idx(p) for p in files)
     return Arrays(x_train[:, None], y_train, x_test[:, None], y_test, 10)
 
@@ -266,17 +283,22 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     return entry["data"].reshape(-1, 3, 32, 32), np.asarray(entry[label_key])
 
 
-@register("cifar10", keys=("root", "download"), augment="crop-flip")
-@register("cifar100", keys=("root", "download"), augment="crop-flip")
-def _cifar(spec: dict) -> Arrays:
-    """CIFAR-10 / CIFAR-100 (fine labels) from the python pickle batches, 3×32×32."""
-    folder, train_files, test_files, label_key, num_classes, class_name = _CIFAR_SOURCES[spec["name"]]
+def _locate_cifar(spec: dict) -> Path:
+    folder, train_files, test_files, _, _, class_name = _CIFAR_SOURCES[spec["name"]]
 
     def find(place: Path):
         return place if all((place / f).is_file() for f in train_files + test_files) else None
 
     places = _search_dirs(spec, (folder, f"{spec['name']}/{folder}"))
-    found = _locate(spec["name"], places, find, _torchvision_download(spec, class_name))
+    return _locate(spec["name"], places, find, _torchvision_download(spec, class_name))
+
+
+@register("cifar10", keys=("root", "download"), augment="crop-flip")
+@register("cifar100", keys=("root", "download"), augment="crop-flip")
+def _cifar(spec: dict) -> Arrays:
+    """CIFAR-10 / CIFAR-100 (fine labels) from the python pickle batches, 3×32×32."""
+    folder, train_files, test_files, label_key, num_classes, class_name = _CIFAR_SOURCES[spec["name"]]
+    found = _locate_cifar(spec)
 
     def read(files):
         parts = [_read_cifar_batch(found / f, label_key) for f in files]
