@@ -56,6 +56,16 @@ def check_resources(spec: SweepSpec) -> int:
     return max(1, fit)
 
 
+def check_data(base: dict) -> None:
+    """Refuse a dataset that is neither on disk nor downloadable (every trial would fail)."""
+    import specreg.data
+
+    try:
+        specreg.data.check_available(base["data"])
+    except specreg.data.DatasetNotFound as error:
+        raise BadInput(f"base.data: {error}") from None
+
+
 def make_sampler(spec: SweepSpec):
     seed = spec.sampler.seed
     if spec.sampler.name == "tpe":
@@ -184,6 +194,7 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
     tracking.check_reachable(uri)
     connect(address)
     fit = check_resources(spec)
+    check_data(base)
 
     if resume:
         context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
