@@ -1,11 +1,16 @@
 """A trial that raises is retried from its checkpoint and continues its MLflow run; one that keeps
 raising ends FAILED with its error; a NaN loss ends a trial as `diverged`; the sweep goes on."""
 import math
+import os
+
+import numpy as np
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
+from sklearn.datasets import load_digits
 
 from specreg_platform import results
 
@@ -73,7 +78,14 @@ def test_a_trial_failing_past_max_failures_ends_failed_with_its_error(failing):
 def diverging(tmp_path_factory, store):
     """Two trials: one whose loss turns NaN at epoch 2, one healthy."""
     tmp = tmp_path_factory.mktemp("diverging")
-    done = _sweep(tmp, grid_space("diverging", "model.nan_at_epoch", [2, 99]), store)
+    # digits as an .npz at an absolute path, so that the export can be checked for machine paths
+    digits = load_digits()
+    np.savez(tmp / "digits.npz", x_train=digits.data[:1400] / 16, y_train=digits.target[:1400],
+             x_test=digits.data[1400:] / 16, y_test=digits.target[1400:])
+    space = grid_space("diverging", "model.nan_at_epoch", [2, 99])
+    space["base"]["data"] = {"name": "npz", "path": str(tmp / "digits.npz")}
+    done = _sweep(tmp, space, store)
+    done["tmp"] = tmp
     done["runs"] = {r.data.params["model.nan_at_epoch"]: r for r in done["runs"]}
     return done
 
@@ -100,3 +112,16 @@ def test_other_trials_continue_and_the_searcher_is_told_a_bad_value(diverging):
     assert len(trials) == 2
     assert all(t.state.name == "COMPLETE" for t in trials), [t.state for t in trials]
     assert sorted(t.value for t in trials)[0] == -math.inf
+
+
+def test_exported_configs_hold_no_absolute_path_of_this_machine(diverging, store):
+    out = diverging["tmp"] / "export"
+    result = cli("export", "diverging", "--out", out, "--mlflow", store)
+    assert result.exit_code == 0, result.output
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model"].get("nan_at_epoch") == 99, "the healthy trial is the best"
+    assert best["data"]["path"] == "../digits.npz"
+    for name in ("best.yaml", "pareto.yaml", "summary.md"):
+        text = (out / name).read_text()
+        for machine_path in (str(diverging["tmp"]), os.path.expanduser("~") + "/"):
+            assert machine_path not in text, (name, machine_path)
