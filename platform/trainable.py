@@ -61,7 +61,23 @@ def run_trial(config: dict) -> None:
     values = {key: spec.search[key].decode(raw) for key, raw in searched(config).items()}
     resolved = specreg.validate_config(spec.trial_config(searched(config)))
     torch.set_num_threads(max(1, int(context["cpus"])))
-    Trial(context, spec, resolved, values).run()
+    if not report_if_finished(context, spec):
+        Trial(context, spec, resolved, values).run()
+
+
+def report_if_finished(context: dict, spec: SweepSpec) -> bool:
+    """A trial that finished in MLflow after Ray last saved the sweep's state (the driver was killed in
+    between) is restarted by --resume: report its tracked result instead of training it again."""
+    mlflow = tracking.client(context["mlflow_uri"])
+    query = (f"tags.`{tracking.PARENT}` = '{context['parent_run_id']}' and "
+             f"tags.`{tracking.TRIAL_ID}` = '{tune.get_context().get_trial_id()}' and attributes.status = 'FINISHED'")
+    found = tracking.retry(mlflow.search_runs, [context["experiment_id"]], query, max_results=1)
+    if not found:
+        return False
+    metrics = found[0].data.metrics
+    tune.report({**metrics, **objective_values(spec, metrics), FINAL: 1, OUTCOME: "finished",
+                 "mlflow_run_id": found[0].info.run_id})
+    return True
 
 
 class Trial:
