@@ -1,0 +1,85 @@
+"""The driver is killed with SIGKILL mid-sweep, then `specreg sweep SPACE.yaml --resume` continues it:
+finished trials are not rerun, MLflow ends with one FINISHED run per trial and nothing RUNNING.
+
+The driver runs as a subprocess (the real `specreg` command, with its own Ray instance); the kill takes
+its Ray processes with it, as a reboot would."""
+import os
+import signal
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import grid_space, specreg_process, sqlite_uri, write_yaml
+
+pytestmark = pytest.mark.integration
+
+TRIAL_QUERY = "tags.`specreg.role` = 'trial'"
+
+
+def _kill_group(process) -> None:
+    """SIGKILL the process and everything it started (its own Ray instance)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def _trial_runs(mlflow, name):
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        return []
+    return mlflow.search_runs([experiment.experiment_id], TRIAL_QUERY, max_results=100)
+
+
+def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    mlflow = MlflowClient(uri)
+    # three trials one at a time, each ~20 epochs long, so that the kill finds one finished and one running
+    space = grid_space("killed", "train.lr", [0.02, 0.05, 0.1], run={"max_concurrent": 1})
+    space["base"]["train"]["epochs"] = 20
+    path = write_yaml(tmp_path / "space.yaml", space)
+    args = ["sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs"]
+
+    driver = specreg_process(*args, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert driver.poll() is None, driver.stdout.read()
+            statuses = [r.info.status for r in _trial_runs(mlflow, "killed")]
+            if "FINISHED" in statuses and "RUNNING" in statuses:
+                break
+            assert time.monotonic() < deadline, f"no finished and running trial together: {statuses}"
+            time.sleep(0.3)
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        _kill_group(driver)  # the driver's own Ray processes go with the machine it ran on
+    before = {r.info.run_id: r for r in _trial_runs(mlflow, "killed")}
+    finished_before = {i for i, r in before.items() if r.info.status == "FINISHED"}
+    assert any(r.info.status == "RUNNING" for r in before.values()), "the kill left an interrupted run"
+
+    resumed = specreg_process(*args, "--resume", cwd=tmp_path)
+    try:
+        output, _ = resumed.communicate(timeout=240)
+    finally:
+        _kill_group(resumed)
+    assert resumed.returncode == 0, output
+
+    after = {r.info.run_id: r for r in _trial_runs(mlflow, "killed")}
+    experiment = mlflow.get_experiment_by_name("killed")
+    assert not mlflow.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"), "none RUNNING"
+    # exactly one FINISHED run per trial (config); an interrupted run was either continued by its trial
+    # or, where Ray's saved state predates that trial (it is then run again), closed as KILLED
+    finished = sorted(r.data.params["train.lr"] for r in after.values() if r.info.status == "FINISHED")
+    assert finished == ["0.02", "0.05", "0.1"], finished
+    for run_id, run in after.items():
+        if run.info.status != "FINISHED":
+            assert run_id in before and before[run_id].info.status == "RUNNING"
+            assert run.info.status == "KILLED" and run.data.tags["specreg.outcome"] == "killed"
+    for run_id in finished_before:  # not rerun: untouched since the kill, and alone for its config
+        assert after[run_id].info.end_time == before[run_id].info.end_time
+        steps = [m.step for m in mlflow.get_metric_history(run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, 21))
+        lr = before[run_id].data.params["train.lr"]
+        assert [r.data.params["train.lr"] for r in after.values()].count(lr) == 1
