@@ -190,6 +190,18 @@ def train(
 
 @app.command()
 @exits
+def sync(
+    name: str = typer.Argument(..., help="Sweep name."),
+    storage: Path = _storage_option(),
+):
+    """Send what a sweep's trials kept locally while the MLflow server was unreachable, then close the sweep."""
+    from .sweep import sync as sync_sweep
+
+    raise typer.Exit(sync_sweep(name, storage, echo=typer.echo))
+
+
+@app.command()
+@exits
 def ui(
     port: int = typer.Option(5000, "--port", help="Port to serve on."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep 127.0.0.1 unless on a "

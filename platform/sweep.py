@@ -233,6 +233,12 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         _finish_tracking(context, spec, interrupted=True)
         raise
     interrupted = grid.num_terminated + grid.num_errors < spec.num_samples()
+    offline = sweep_dir / tracking.OFFLINE_DIR
+    if any(offline.glob("*.jsonl")) or not tracking.reachable(context["mlflow_uri"]):
+        echo(f"sweep {spec.name}: the MLflow tracking server {context['mlflow_uri']} became unreachable; "
+             f"the trials' results wait in {offline}; once it is back, send them with: specreg sync "
+             f"{spec.name} --storage {storage}")
+        return 1
     front = _finish_tracking(context, spec, interrupted)
     if interrupted:
         echo(f"sweep {spec.name} interrupted; continue it with: specreg sweep {space_path} --name {spec.name} "
@@ -252,4 +258,20 @@ def _report_end(echo, spec: SweepSpec, context: dict, sweep_dir: Path, front: li
         echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={v}" for k, v in record.searched.items()))
     echo(f"look at it: specreg runs {spec.name} | specreg ui | specreg export {spec.name} --out DIR "
          f"(MLflow {context['mlflow_uri']})")
+    return 0
+
+
+def sync(name: str, storage="specreg-runs", echo=print) -> int:
+    """Send a sweep's offline writes (kept while its tracking server was unreachable), then close it."""
+    sweep_dir = Path(storage).resolve() / check_name(name)
+    if not (sweep_dir / CONTEXT_FILE).is_file():
+        raise BadInput(f"there is no sweep named {name!r} in {Path(storage).resolve()}")
+    context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
+    tracking.check_reachable(context["mlflow_uri"])
+    mlflow = tracking.client(context["mlflow_uri"])
+    count = tracking.sync_offline(mlflow, sweep_dir / tracking.OFFLINE_DIR)
+    spec = SweepSpec.model_validate(context["spec"])
+    if tracking.retry(mlflow.get_run, context["parent_run_id"]).info.status == "RUNNING":
+        _finish_tracking(context, spec, interrupted=False)
+    echo(f"sweep {name}: sent the offline writes of {count} runs to {context['mlflow_uri']}")
     return 0

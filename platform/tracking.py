@@ -38,6 +38,7 @@ OUTCOME = "specreg.outcome"      # finished | diverged | early_stopped | failed 
 ERROR = "specreg.error"
 THREAT_MODEL = "specreg.threat_model"
 ARRAY_KEYS = ("history", "distances", "spectrum")
+OFFLINE_DIR = "offline"          # in a sweep's storage folder: writes made while MLflow was unreachable
 _CLIENTS: dict[str, MlflowClient] = {}
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -189,10 +190,25 @@ class RunLog:
     """
     FLUSH_SECONDS = 5.0
 
-    def __init__(self, mlflow: MlflowClient, run_id: str):
+    def __init__(self, mlflow: MlflowClient, run_id: str, offline_dir: Path | None = None):
         self.mlflow, self.run_id = mlflow, run_id
         self.pending: list[list] = []  # [step, {metric: value}] per buffered epoch
         self._flushed = time.monotonic()
+        self.offline_dir = offline_dir  # where writes go while the tracking server is unreachable
+        self.offline = False
+
+    def _write(self, method: str, **kwargs) -> None:
+        """One write through the client; once the tracking server is found unreachable, this and every
+        later write of the run go to its offline journal (replayed by `specreg sync`)."""
+        if not self.offline:
+            try:
+                retry(getattr(self.mlflow, method), self.run_id, **kwargs)
+                return
+            except (MlflowException, OSError):
+                if self.offline_dir is None or reachable(self.mlflow._tracking_client.tracking_uri):
+                    raise
+                self.offline = True
+        journal(Path(self.offline_dir), self.run_id, method, kwargs)
 
     @classmethod
     def open(cls, mlflow: MlflowClient, experiment_id: str, name: str, tags: dict,
@@ -213,7 +229,7 @@ class RunLog:
     def log_params(self, params: dict) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
-            retry(self.mlflow.log_batch, self.run_id, params=items[start:start + 100])
+            self._write("log_batch", params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Send metrics now (after any buffered epochs)."""
@@ -230,23 +246,76 @@ class RunLog:
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, step) for step, metrics in self.pending for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
-            retry(self.mlflow.log_batch, self.run_id, metrics=items[start:start + 1000])
+            self._write("log_batch", metrics=items[start:start + 1000])
         self.pending, self._flushed = [], time.monotonic()
 
     def set_tags(self, tags: dict) -> None:
-        retry(self.mlflow.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._write("log_batch", tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_files(self, files: dict[str, bytes]) -> None:
         """Upload named byte strings as artifacts in one call."""
         with tempfile.TemporaryDirectory() as staging:
             for name, data in files.items():
                 (Path(staging) / name).write_bytes(data)
-            retry(self.mlflow.log_artifacts, self.run_id, staging)
+            self._write("log_artifacts", local_dir=staging)
 
     def end(self, status: str, outcome: str, error: str | None = None) -> None:
         self.flush()
         self.set_tags({OUTCOME: outcome, **({ERROR: error} if error else {})})
-        retry(self.mlflow.set_terminated, self.run_id, status=status)
+        self._write("set_terminated", status=status)
+
+
+# --- offline journal: writes kept while the tracking server is unreachable ---------------------------
+
+def reachable(uri: str) -> bool:
+    try:
+        check_reachable(uri, timeout=5.0)
+    except RuntimeError:
+        return False
+    return True
+
+
+def journal(folder: Path, run_id: str, method: str, kwargs: dict) -> None:
+    """Append one write to `folder/<run_id>.jsonl` (artifacts copied beside it)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {"method": method}
+    for key, value in kwargs.items():
+        if key == "local_dir":
+            copy = folder / f"{run_id}-artifacts-{time.time_ns()}"
+            shutil.copytree(value, copy)
+            value = copy.name
+        elif key in ("metrics", "params", "tags"):
+            value = [m.to_dictionary() if hasattr(m, "to_dictionary") else {"key": m.key, "value": m.value}
+                     for m in value]
+        entry[key] = value
+    with open(folder / f"{run_id}.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def sync_offline(mlflow: MlflowClient, folder: Path) -> int:
+    """Send every journalled write in folder to the tracking server, in order; return how many runs."""
+    import shutil
+
+    runs = sorted(Path(folder).glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if Path(folder).is_dir() else []
+    for path in runs:
+        run_id = path.stem
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            method = entry.pop("method")
+            if method == "log_batch":
+                retry(mlflow.log_batch, run_id,
+                      metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in entry.get("metrics", [])],
+                      params=[Param(p["key"], p["value"]) for p in entry.get("params", [])],
+                      tags=[RunTag(t["key"], t["value"]) for t in entry.get("tags", [])])
+            elif method == "log_artifacts":
+                retry(mlflow.log_artifacts, run_id, str(path.parent / entry["local_dir"]))
+                shutil.rmtree(path.parent / entry["local_dir"])
+            else:
+                retry(getattr(mlflow, method), run_id, **entry)
+        path.unlink()
+    return len(runs)
 
 
 def not_yet_sent(mlflow: MlflowClient, run_id: str, pending: list[list]) -> list[list]:

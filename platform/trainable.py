@@ -115,8 +115,11 @@ class Trial:
     def _open(self, name: str, parent: str, role: str, resolved: dict, match: dict) -> tracking.RunLog:
         tags = {**tracking.run_tags(resolved, role, self.context["sweep"], self.context["commit"]),
                 tracking.PARENT: parent, **match}
-        return tracking.RunLog.open(self.mlflow, self.context["experiment_id"], name, tags,
-                                    match={tracking.PARENT: parent, **match})
+        run = tracking.RunLog.open(self.mlflow, self.context["experiment_id"], name, tags,
+                                   match={tracking.PARENT: parent, **match})
+        if self.context.get("cache_dir"):  # the sweep's storage: where writes wait out a tracking outage
+            run.offline_dir = Path(self.context["cache_dir"]).parent / tracking.OFFLINE_DIR
+        return run
 
     def run(self) -> None:
         import specreg
