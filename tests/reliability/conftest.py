@@ -42,7 +42,10 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])},
+# MLflow's HTTP client retries a refused connection for minutes by default; the outage test wants seconds.
+HTTP_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+                            **HTTP_FAIL_FAST},
                "worker_process_setup_hook": "faults.install"}
 
 

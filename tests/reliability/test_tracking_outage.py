@@ -1,8 +1,19 @@
 """An MLflow tracking server that does not answer when the sweep starts: the sweep fails before any trial
-or folder is created, with a message naming the URI."""
+or folder is created, with a message naming the URI. One killed mid-sweep (a real `mlflow server`): the
+trials finish, their writes wait in the sweep's storage, and `specreg sync` sends them once it is back."""
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 
-from conftest import TINY_BASE, cli, write_yaml
+import pytest
+from mlflow import MlflowClient
+
+from conftest import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, write_yaml
 
 
 def _free_port() -> int:
@@ -21,3 +32,93 @@ def test_unreachable_server_at_start_fails_before_any_trial_naming_the_uri(tmp_p
     assert result.exit_code == 1, result.output
     assert f"the MLflow tracking server {uri} is unreachable" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"], "no Ray storage, no local store"
+
+
+def _start_server(folder, port) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        assert server.poll() is None, "mlflow server exited"
+        time.sleep(0.5)
+    _kill(server)
+    raise AssertionError("mlflow server did not answer /health within 90 s")
+
+
+def _kill(server) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_path, monkeypatch):
+    ensure_ray()
+    for key, value in HTTP_FAIL_FAST.items():
+        monkeypatch.setenv(key, value)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    killed = threading.Event()
+
+    def kill_when_both_trials_run():
+        mlflow = MlflowClient(uri)
+        try:
+            while not killed.is_set():
+                experiment = mlflow.get_experiment_by_name("outage-mid")
+                if experiment is not None:
+                    runs = mlflow.search_runs([experiment.experiment_id],
+                                              "tags.`specreg.role` = 'trial' and attributes.status = 'RUNNING'")
+                    if len(runs) == 2:
+                        _kill(server)
+                        killed.set()
+                time.sleep(0.3)
+        except Exception:  # noqa: BLE001 - the server went away under the poll: kill it for sure
+            _kill(server)
+            killed.set()
+
+    space = grid_space("outage-mid", "train.lr", [0.05, 0.1])
+    space["base"]["train"]["epochs"] = 30
+    path = write_yaml(tmp_path / "space.yaml", space)
+    watcher = threading.Thread(target=kill_when_both_trials_run, daemon=True)
+    watcher.start()
+    try:
+        result = cli("sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs", "--max-concurrent", "2")
+    finally:
+        killed.set()
+        watcher.join(timeout=30)
+        _kill(server)
+    assert result.exit_code == 1, result.output
+    assert "specreg sync outage-mid" in result.output, result.output
+    offline = tmp_path / "runs" / "outage-mid" / "offline"
+    assert len(list(offline.glob("*.jsonl"))) == 2, "each trial kept its writes"
+
+    server = _start_server(tmp_path, port)
+    try:
+        result = cli("sync", "outage-mid", "--storage", tmp_path / "runs")
+        assert result.exit_code == 0, result.output
+        mlflow = MlflowClient(uri)
+        experiment = mlflow.get_experiment_by_name("outage-mid")
+        runs = mlflow.search_runs([experiment.experiment_id], "tags.`specreg.role` = 'trial'")
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED" and run.data.tags["specreg.outcome"] == "finished"
+            assert "clean_acc" in run.data.metrics and "adv_acc_eps_1.0" in run.data.metrics
+            steps = sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "train_loss"))
+            assert steps == list(range(1, 31))
+            assert "model.pt" in [f.path for f in mlflow.list_artifacts(run.info.run_id)]
+        (parent,) = mlflow.search_runs([experiment.experiment_id], "tags.`specreg.role` = 'sweep'")
+        assert parent.info.status == "FINISHED"
+        assert not list(offline.glob("*.jsonl"))
+    finally:
+        _kill(server)
