@@ -83,3 +83,29 @@ def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running
         assert sorted(steps) == list(range(1, 21))
         lr = before[run_id].data.params["train.lr"]
         assert [r.data.params["train.lr"] for r in after.values()].count(lr) == 1
+
+
+def test_ctrl_c_stops_cleanly_closes_the_runs_and_says_how_to_resume(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    mlflow = MlflowClient(uri)
+    space = grid_space("interrupted", "train.lr", [0.02, 0.05, 0.1], run={"max_concurrent": 1})
+    space["base"]["train"]["epochs"] = 20
+    path = write_yaml(tmp_path / "space.yaml", space)
+    driver = specreg_process("sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.info.status == "RUNNING" for r in _trial_runs(mlflow, "interrupted")):
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline, "no trial started"
+            time.sleep(0.3)
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        _kill_group(driver)
+    assert driver.returncode == 1, output
+    assert "interrupted; continue it with: specreg sweep" in output and "--resume" in output, output
+    experiment = mlflow.get_experiment_by_name("interrupted")
+    runs = mlflow.search_runs([experiment.experiment_id], "")
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"], [r.info.status for r in runs]
+    (parent,) = [r for r in runs if r.data.tags["specreg.role"] == "sweep"]
+    assert parent.info.status == "KILLED"
