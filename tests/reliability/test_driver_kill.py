@@ -109,3 +109,5 @@ def test_ctrl_c_stops_cleanly_closes_the_runs_and_says_how_to_resume(tmp_path):
     assert runs and not [r for r in runs if r.info.status == "RUNNING"], [r.info.status for r in runs]
     (parent,) = [r for r in runs if r.data.tags["specreg.role"] == "sweep"]
     assert parent.info.status == "KILLED"
+    trials = [r for r in runs if r.data.tags["specreg.role"] == "trial"]
+    assert {r.info.status for r in trials} <= {"FINISHED", "KILLED"} and "KILLED" in {r.info.status for r in trials}
