@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from conftest import TINY_BASE, cli, ensure_ray, write_yaml
+from reliability_helpers import TINY_BASE, cli, ensure_ray, write_yaml
 
 
 def _space(**base_changes) -> dict:

@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import grid_space, specreg_process, sqlite_uri, write_yaml
+from reliability_helpers import grid_space, specreg_process, sqlite_uri, write_yaml
 
 pytestmark = pytest.mark.integration
 

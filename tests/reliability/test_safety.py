@@ -9,7 +9,7 @@ import torch
 import specreg
 from specreg_platform import cli as cli_module
 
-from conftest import TINY_BASE, cli, write_yaml
+from reliability_helpers import TINY_BASE, cli, write_yaml, store  # noqa: F401 (fixtures)
 
 
 def test_ui_binds_localhost_unless_told_otherwise(tmp_path, monkeypatch, store):

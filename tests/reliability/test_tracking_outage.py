@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from conftest import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, write_yaml
+from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, write_yaml
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from specreg_platform import results
 
-from conftest import cli, ensure_ray, grid_space, write_yaml
+from reliability_helpers import cli, ensure_ray, grid_space, write_yaml, store  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,8 @@
 """Shared pieces of the reliability tests: a local Ray instance whose workers load the test's faults,
-real MLflow stores, tiny sweeps, and the `specreg` command run in this process or as a subprocess."""
+real MLflow stores, tiny sweeps, and the `specreg` command run in this process or as a subprocess.
+
+Not a conftest.py: tests/platform's test modules import their helpers with `from conftest import …`, and a
+second conftest.py in the same pytest session would take that module name from them."""
 import copy
 import os
 import subprocess
@@ -74,11 +77,7 @@ def specreg_process(*args, cwd, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _faults_here():
-    faults.install()  # the driver validates configs with the same builders the workers use
-    yield
-    ray.shutdown()
+faults.install()  # the driver validates configs with the same builders the workers use
 
 
 def sqlite_uri(folder: Path) -> str:
