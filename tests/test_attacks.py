@@ -233,3 +233,31 @@ def test_digits_mlp_tangent_is_no_worse_than_hsja():
     hsja = attacks.run(model, x, y, "hsja", 1000)
     assert torch.isfinite(tangent.distances).all() and torch.isfinite(hsja.distances).all()
     assert tangent.distances.median() <= 1.1 * hsja.distances.median()
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST), reason="needs the dataset-fashion-mnist package")
+def test_fashion_mnist_slp_has_no_infinite_distance():
+    """The case that motivated the start search: on the paper's SLP-2000 much of uniform noise lands in
+    one class, so a noise-only start leaves points of that class unattacked (distance inf)."""
+    from specreg import data, models
+
+    fmnist = data.load({"name": "fashion_mnist", "train_subset": 10000})
+    torch.manual_seed(0)
+    model = models.build({"name": "slp", "width": 2000, "activation": "gelu"}, fmnist.input_shape, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for xb, yb in data.batches(fmnist.x_train, fmnist.y_train, 256, torch.Generator().manual_seed(0)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    model.eval()
+    x, y = fmnist.x_test[:200], fmnist.y_test[:200]
+    noise_classes = model(torch.rand(1000, *fmnist.input_shape)).argmax(1)
+    assert noise_classes.bincount(minlength=10).max() > 250  # the trap: noise is skewed toward few classes
+    result = attacks.run(model, x, y, "tangent", 1000, progress=False)
+    assert torch.isfinite(result.distances).all()
+    assert (result.queries <= 1000).all()
