@@ -142,7 +142,8 @@ to back in one process with `specreg.run_experiment`; one torch thread on both s
 | shortest / mean single run in that process | {over['min_run_s']:.1f} / {over['mean_run_s']:.1f} |
 
 Overhead per trial (the command's time between its first trial's start and last trial's end, against the
-plain runs): **{100 * over['per_trial_overhead']:.1f}%**, of which {100 * over['in_trial_overhead']:.1f}% inside
+plain runs): **{100 * over['per_trial_overhead']:.1f}%** ({'within' if over['per_trial_overhead'] < 0.15 else 'over'}
+the target), of which {100 * over['in_trial_overhead']:.1f}% inside
 the trials (MLflow runs, buffered epoch metrics, checkpoints reported to Tune, the artifacts and figures
 uploaded at the end). Counting the once-per-sweep start-up too, the whole command took
 {100 * over['overhead']:.1f}% longer than the plain runs.
@@ -158,7 +159,7 @@ uploaded at the end). Counting the once-per-sweep start-up too, the whole comman
 | shared burn-in (prefix trained once, 11 trials resume from it) | {burn['shared']['trial_s']:.1f} | {burn['shared']['wall_s']:.1f} |
 | independent trials | {burn['independent']['trial_s']:.1f} | {burn['independent']['wall_s']:.1f} |
 
-Ratio: **{burn['ratio']:.3f}x**. Per trial: the one that trained the prefix took
+Ratio: **{burn['ratio']:.3f}x** ({'within' if burn['ratio'] <= 0.35 else 'over'} the target). Per trial: the one that trained the prefix took
 {burn['shared']['longest_s']:.1f} s and the 11 that resumed from it {burn['shared']['others_mean_s']:.1f} s on
 average, against {burn['independent']['trial_s'] / burn['independent']['trials']:.1f} s for an independent trial.
 What a resumed trial still pays is its regularized epochs, which cost more than plain ones (the spectral
