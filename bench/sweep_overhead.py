@@ -148,6 +148,11 @@ the trials (MLflow runs, buffered epoch metrics, checkpoints reported to Tune, t
 uploaded at the end). Counting the once-per-sweep start-up too, the whole command took
 {100 * over['overhead']:.1f}% longer than the plain runs.
 
+Concurrency (ray#46965, OptunaSearch running trials one at a time): Ray 2.60 keeps as many trials pending
+as `max_concurrent_trials` allows for a wrapped searcher, and `specreg sweep` always sets it (by default to
+as many trials as the cluster holds); `tests/platform/test_platform_sweep.py::test_trials_run_concurrently`
+checks that trials of a 2-at-a-time sweep overlap.
+
 ## Shared burn-in (target: at most 0.35x the trial-seconds of independent trials)
 
 12 trials: rep-spectral strength (1e-3, 1e-2, 1e-1) x placement (upto:1, upto:2, feature, all) on a
