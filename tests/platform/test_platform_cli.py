@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from conftest import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
+from platform_helpers import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
 
 def _only(tmp_path, *names):

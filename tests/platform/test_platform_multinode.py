@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster
 
 from specreg_platform import results
 
-from conftest import cli, tiny_space, write_yaml
+from platform_helpers import cli, tiny_space, write_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

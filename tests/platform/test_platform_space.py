@@ -12,7 +12,7 @@ from specreg_platform import burnin, results, tracking
 from specreg_platform.errors import BadInput
 from specreg_platform.space import SweepSpec, load_space
 
-from conftest import ROOT, SPACES, TINY_BASE, tiny_space, write_yaml
+from platform_helpers import ROOT, SPACES, TINY_BASE, tiny_space, write_yaml
 
 
 @pytest.mark.parametrize("name", ["quickstart", "fashion_mnist_slp", "cifar10_resnet18", "ablation_placement"])

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from specreg_platform import results, tracking
 from specreg_platform.space import flatten
 
-from conftest import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
+from platform_helpers import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
 pytestmark = pytest.mark.integration
 

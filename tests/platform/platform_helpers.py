@@ -1,0 +1,46 @@
+"""Helpers of the platform tests: tiny spaces, the local Ray instance, the command in-process."""
+import copy
+from pathlib import Path
+
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from specreg_platform.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACES = ROOT / "search_spaces"
+
+# Seconds per trial on 2 cores: digits, one hidden layer of 32, 2 epochs, a 20-point attack.
+TINY_BASE = {
+    "task": "supervised",
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "widths": [32]},
+    "train": {"epochs": 2, "batch_size": 128, "lr": 0.05},
+    "regularizer": {"kind": "none", "burnin": 0.5},
+    "attack": {"name": "tangent", "samples": 20, "max_queries": 200, "eps": [0.5, 1.0]},
+}
+
+
+def tiny_space(name: str, **changes) -> dict:
+    space = {"name": name, "base": copy.deepcopy(TINY_BASE),
+             "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
+             "objectives": [{"metric": "clean_acc", "mode": "max"}], "samples": 2}
+    space.update(changes)
+    return space
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def ensure_ray() -> None:
+    """The tests' local Ray instance (2 CPUs), started once, or again after the multi-node test."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+
+
+def cli(*args: str):
+    """Run `specreg ARGS` in this process (so sweeps join the tests' Ray instance)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
