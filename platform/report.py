@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 
-from . import figures, results, tracking
+from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
 from .confirm import confirmations, parent_space
 from .errors import BadInput
 from .space import SweepSpec, flatten
@@ -210,7 +209,7 @@ class SweepData:
                 try:
                     local = Path(tracking.retry(self.mlflow.download_artifacts, run_id, path,
                                                 f"{staging}/{index}"))
-                except (MlflowException, OSError):  # a run without the artifact: leave it out
+                except (tracking.MlflowException, OSError):  # a run without the artifact: leave it out
                     continue
                 found.append(np.load(local) if path.endswith(".npy") else np.asarray(json.loads(local.read_text())))
         return found

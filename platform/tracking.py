@@ -18,10 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode
+
+# Before MLflow is first imported: its telemetry client starts at import, cannot reach the network from
+# a cluster without egress, and sets/unsets an environment variable from a background thread, which
+# raced `requests` reading os.environ (KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in a trial).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode  # noqa: E402
 
 from .errors import BadInput
 from .space import flatten
@@ -40,7 +46,6 @@ THREAT_MODEL = "specreg.threat_model"
 ARRAY_KEYS = ("history", "distances", "spectrum")
 OFFLINE_DIR = "offline"          # in a sweep's storage folder: writes made while MLflow was unreachable
 _CLIENTS: dict[str, MlflowClient] = {}
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_uri(uri: str | None) -> str:

@@ -2,8 +2,6 @@
 import pytest
 import ray
 
-# test_report.py still takes these from here; new modules import platform_helpers directly.
-from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml  # noqa: F401
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray():

@@ -18,7 +18,7 @@ from scipy import stats
 from specreg_platform import results
 from specreg_platform.report import bootstrap_interval, holm, paired_differences
 
-from conftest import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
+from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The tiny sweep below gives every figure: curves, trade-off, settings, structure, spectra, distances, fANOVA.

@@ -1,8 +1,8 @@
 """Shared pieces of the reliability tests: a local Ray instance whose workers load the test's faults,
 real MLflow stores, tiny sweeps, and the `specreg` command run in this process or as a subprocess.
 
-Not a conftest.py: tests/platform's test modules import their helpers with `from conftest import …`, and a
-second conftest.py in the same pytest session would take that module name from them."""
+Not a conftest.py: test modules import these by name, and with a conftest.py in several test folders
+the module name `conftest` is ambiguous within one pytest session."""
 import copy
 import os
 import subprocess
