@@ -12,14 +12,7 @@ from test_attacks import Counting, linear_problem
 SPEC = {"name": "tangent", "samples": 40, "max_queries": 400, "eps": [0.05, 0.1, 0.2], "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, which is what costs when
-    other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_are_named_and_consistent():

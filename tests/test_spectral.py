@@ -12,13 +12,7 @@ from specreg.spectral import OperatorNorm, covariance_spectrum, fit_power_law, o
 RTOL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are all small ops: one thread is faster and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_matrix(layer, input_shape, weight=None):
