@@ -197,24 +197,21 @@ def test_model_output_must_be_n_by_classes(output):
 
 
 def digits_model():
-    """A small MLP on scikit-learn digits (pixels /16, N×1×8×8) and its held-out points."""
-    from sklearn.datasets import load_digits
+    """A small MLP on scikit-learn digits (specreg.data's split) and its held-out points."""
+    from specreg import data
 
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(labels)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
+    digits = data.load({"name": "digits"})
+    x, y = digits.x_train, digits.y_train
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(15):
-        for i in range(0, 1400, 100):
+        for i in range(0, len(x), 100):
             loss = nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model, x[1400:], y[1400:]
+    return model, digits.x_test, digits.y_test
 
 
 @pytest.mark.slow

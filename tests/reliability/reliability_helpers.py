@@ -5,6 +5,7 @@ Not a conftest.py: test modules import these by name, and with a conftest.py in 
 the module name `conftest` is ambiguous within one pytest session."""
 import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,15 @@ def specreg_process(*args, cwd, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from specreg_platform.cli import main; main()",
                              *[str(a) for a in args]], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def kill_group(process) -> None:
+    """SIGKILL a process started in its own session and everything it started (its Ray, a server)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
 
 
 faults.install()  # the driver validates configs with the same builders the workers use

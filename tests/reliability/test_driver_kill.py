@@ -10,20 +10,21 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from reliability_helpers import grid_space, specreg_process, sqlite_uri, write_yaml
+from reliability_helpers import grid_space, kill_group, specreg_process, sqlite_uri, write_yaml
 
 pytestmark = pytest.mark.integration
 
 TRIAL_QUERY = "tags.`specreg.role` = 'trial'"
 
 
-def _kill_group(process) -> None:
-    """SIGKILL the process and everything it started (its own Ray instance)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
+def _three_slow_trials(tmp_path, name):
+    """A sweep of three ~20-epoch trials run one at a time, so an interruption finds one finished and one
+    running; returns its MLflow client and the `specreg` arguments that run it."""
+    uri = sqlite_uri(tmp_path)
+    space = grid_space(name, "train.lr", [0.02, 0.05, 0.1], run={"max_concurrent": 1})
+    space["base"]["train"]["epochs"] = 20
+    path = write_yaml(tmp_path / "space.yaml", space)
+    return MlflowClient(uri), ["sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs"]
 
 
 def _trial_runs(mlflow, name):
@@ -34,13 +35,7 @@ def _trial_runs(mlflow, name):
 
 
 def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running(tmp_path):
-    uri = sqlite_uri(tmp_path)
-    mlflow = MlflowClient(uri)
-    # three trials one at a time, each ~20 epochs long, so that the kill finds one finished and one running
-    space = grid_space("killed", "train.lr", [0.02, 0.05, 0.1], run={"max_concurrent": 1})
-    space["base"]["train"]["epochs"] = 20
-    path = write_yaml(tmp_path / "space.yaml", space)
-    args = ["sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs"]
+    mlflow, args = _three_slow_trials(tmp_path, "killed")
 
     driver = specreg_process(*args, cwd=tmp_path)
     try:
@@ -54,7 +49,7 @@ def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running
             time.sleep(0.3)
         os.kill(driver.pid, signal.SIGKILL)
     finally:
-        _kill_group(driver)  # the driver's own Ray processes go with the machine it ran on
+        kill_group(driver)  # the driver's own Ray processes go with the machine it ran on
     before = {r.info.run_id: r for r in _trial_runs(mlflow, "killed")}
     finished_before = {i for i, r in before.items() if r.info.status == "FINISHED"}
     assert any(r.info.status == "RUNNING" for r in before.values()), "the kill left an interrupted run"
@@ -63,7 +58,7 @@ def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running
     try:
         output, _ = resumed.communicate(timeout=240)
     finally:
-        _kill_group(resumed)
+        kill_group(resumed)
     assert resumed.returncode == 0, output
 
     after = {r.info.run_id: r for r in _trial_runs(mlflow, "killed")}
@@ -86,12 +81,8 @@ def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running
 
 
 def test_ctrl_c_stops_cleanly_closes_the_runs_and_says_how_to_resume(tmp_path):
-    uri = sqlite_uri(tmp_path)
-    mlflow = MlflowClient(uri)
-    space = grid_space("interrupted", "train.lr", [0.02, 0.05, 0.1], run={"max_concurrent": 1})
-    space["base"]["train"]["epochs"] = 20
-    path = write_yaml(tmp_path / "space.yaml", space)
-    driver = specreg_process("sweep", path, "--mlflow", uri, "--storage", tmp_path / "runs", cwd=tmp_path)
+    mlflow, args = _three_slow_trials(tmp_path, "interrupted")
+    driver = specreg_process(*args, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while not any(r.info.status == "RUNNING" for r in _trial_runs(mlflow, "interrupted")):
@@ -101,7 +92,7 @@ def test_ctrl_c_stops_cleanly_closes_the_runs_and_says_how_to_resume(tmp_path):
         os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
         output, _ = driver.communicate(timeout=120)
     finally:
-        _kill_group(driver)
+        kill_group(driver)
     assert driver.returncode == 1, output
     assert "interrupted; continue it with: specreg sweep" in output and "--resume" in output, output
     experiment = mlflow.get_experiment_by_name("interrupted")

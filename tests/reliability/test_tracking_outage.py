@@ -1,8 +1,6 @@
 """An MLflow tracking server that does not answer when the sweep starts: the sweep fails before any trial
 or folder is created, with a message naming the URI. One killed mid-sweep (a real `mlflow server`): the
 trials finish, their writes wait in the sweep's storage, and `specreg sync` sends them once it is back."""
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +11,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, write_yaml
+from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_group, write_yaml
 
 
 def _free_port() -> int:
@@ -49,16 +47,8 @@ def _start_server(folder, port) -> subprocess.Popen:
             pass
         assert server.poll() is None, "mlflow server exited"
         time.sleep(0.5)
-    _kill(server)
+    kill_group(server)
     raise AssertionError("mlflow server did not answer /health within 90 s")
-
-
-def _kill(server) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait(timeout=30)
 
 
 @pytest.mark.integration
@@ -80,11 +70,11 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
                     runs = mlflow.search_runs([experiment.experiment_id],
                                               "tags.`specreg.role` = 'trial' and attributes.status = 'RUNNING'")
                     if len(runs) == 2:
-                        _kill(server)
+                        kill_group(server)
                         killed.set()
                 time.sleep(0.3)
         except Exception:  # noqa: BLE001 - the server went away under the poll: kill it for sure
-            _kill(server)
+            kill_group(server)
             killed.set()
 
     space = grid_space("outage-mid", "train.lr", [0.05, 0.1])
@@ -97,7 +87,7 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
     finally:
         killed.set()
         watcher.join(timeout=30)
-        _kill(server)
+        kill_group(server)
     assert result.exit_code == 1, result.output
     assert "specreg sync outage-mid" in result.output, result.output
     offline = tmp_path / "runs" / "outage-mid" / "offline"
@@ -121,4 +111,4 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
         assert parent.info.status == "FINISHED"
         assert not list(offline.glob("*.jsonl"))
     finally:
-        _kill(server)
+        kill_group(server)
