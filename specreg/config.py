@@ -153,7 +153,7 @@ class ExperimentConfig(Strict):
     transfer: Optional[TransferSpec] = None
 
     @model_validator(mode="after")
-    def _strength_needed(self):
+    def _default_placement(self):
         reg = self.regularizer
         if reg.kind == "all-layer-spectral":
             reg.placement = "all"
