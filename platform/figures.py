@@ -26,10 +26,11 @@ def color(label: str) -> str:
     return matplotlib.colors.to_hex(palette[index % len(palette)])
 
 
-def png(figure: Figure) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
+def png(figure: Figure, tight: bool = True) -> bytes:
+    """The figure as PNG bytes; the figure is closed. tight=False keeps the figure's own margins: the
+    tight bounding box costs a second draw of the figure."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if tight else None)
     plt.close(figure)
     return buffer.getvalue()
 
@@ -147,8 +148,11 @@ def structure(points: list[dict], robust_label: str, correlations: dict[str, tup
     return figure
 
 
-def spectra(series: dict[str, list[float]]) -> Figure:
-    """Eigenvalues of the feature covariance against their rank, log–log, one line per label."""
+def spectra(series: dict[str, list[float]], minor: bool = True) -> Figure:
+    """Eigenvalues of the feature covariance against their rank, log–log, one line per label.
+
+    minor=False leaves out the minor ticks and grid (most of the figure's drawing time).
+    """
     figure, ax = plt.subplots(figsize=(6, 4))
     for label, eigenvalues in series.items():
         values = np.asarray(eigenvalues, dtype=float)
@@ -156,7 +160,11 @@ def spectra(series: dict[str, list[float]]) -> Figure:
         ax.loglog(np.arange(1, len(values) + 1), values, color=color(label), label=label)
     ax.set(xlabel="rank n", ylabel="eigenvalue λ_n (feature units²)",
            title="Feature covariance eigenspectrum (test inputs)")
-    ax.grid(alpha=0.3, which="both")
+    if minor:
+        ax.grid(alpha=0.3, which="both")
+    else:
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
     _legend(ax)
     return figure
 
@@ -217,13 +225,19 @@ def paired_differences(by_metric: dict[str, list[dict]]) -> Figure:
 
 
 def trial_figures(result: dict, eps: list[float]) -> dict[str, bytes]:
-    """A finished trial's spectrum and distance-histogram figures as PNG artifacts (what it has of them)."""
-    files = {}
+    """A finished trial's spectrum and distance-histogram figures as PNG artifacts (what it has of them).
+
+    Every trial pays for these, so they are drawn once each (fixed margins, no tight bounding box) and
+    the spectrum without minor ticks.
+    """
+    figures = {}
     if result.get("spectrum") is not None:
-        files["spectrum.png"] = png(spectra({"this trial": result["spectrum"]}))
+        figures["spectrum.png"] = spectra({"this trial": result["spectrum"]}, minor=False)
     if result.get("distances") is not None:
-        files["distances.png"] = png(distance_histograms({"this trial": np.asarray(result["distances"])}, eps))
-    return files
+        figures["distances.png"] = distance_histograms({"this trial": np.asarray(result["distances"])}, eps)
+    for figure in figures.values():
+        figure.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.91)
+    return {name: png(figure, tight=False) for name, figure in figures.items()}
 
 
 def is_accuracy(metric: str) -> bool:
