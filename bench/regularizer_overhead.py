@@ -45,6 +45,7 @@ def make_step(kind: str, every: int):
 
 
 def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict:
+    """Per-round mean step time of each configuration (seconds), rounds in a random order."""
     for step in steps.values():  # warm-up, including the regularizer's cold start
         for _ in range(3):
             step()
@@ -57,7 +58,12 @@ def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict:
             for _ in range(per_round):
                 step()
             samples[name].append((time.perf_counter() - start) / per_round)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def quartiles(values):
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return q1, median, q3
 
 
 def machine() -> str:
@@ -76,16 +82,20 @@ def main():
     random.seed(0)
     steps = {"none": make_step("none", 1), "rep-spectral every=1": make_step("rep-spectral", 1),
              "rep-spectral every=24": make_step("rep-spectral", 24)}
-    medians = time_interleaved(steps, args.rounds, args.per_round)
-    base = medians["none"]
+    samples = time_interleaved(steps, args.rounds, args.per_round)
     targets = {"none": "", "rep-spectral every=1": "≤ 1.05", "rep-spectral every=24": "≤ 1.02"}
     load = os.getloadavg()[0]
     lines = ["## Regularizer step overhead: SLP-2000, batch 1024", "",
-             f"Machine: {machine()}; load average {load:.1f} at the end. Median of {args.rounds} rounds of "
-             f"{args.per_round} steps, the configurations in a random order each round.", "",
-             "| configuration | step time (ms) | ratio to none | target |", "| --- | --- | --- | --- |"]
-    for name, seconds in medians.items():
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.3f} | {targets[name]} |")
+             f"Machine: {machine()}; load average {load:.1f} at the end. {args.rounds} rounds of "
+             f"{args.per_round} steps, the configurations in a random order each round. The ratio is taken "
+             "within each round (so drifts in machine load cancel) and summarised by its median and "
+             "interquartile range over rounds.", "",
+             "| configuration | median step time (ms) | ratio to none: median [IQR] | target |",
+             "| --- | --- | --- | --- |"]
+    for name, times in samples.items():
+        q1, ratio, q3 = quartiles([t / base for t, base in zip(times, samples["none"])])
+        lines.append(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio:.3f} [{q1:.3f}, {q3:.3f}] "
+                     f"| {targets[name]} |")
     text = "\n".join(lines) + "\n"
     print(text)
     (ROOT / "docs" / "benchmarks_regularizer.md").write_text(text)

@@ -108,6 +108,15 @@ def test_conv_gradient_matches_autograd_through_the_dense_svd(padding_mode, stri
     torch.testing.assert_close(layer.weight.grad.double(), weight.grad, rtol=RTOL, atol=RTOL * scale)
 
 
+def test_reshape_mode_gradient_matches_autograd_through_the_reshaped_svd():
+    layer = conv(4, 6, 3, 1, 1, "zeros", seed=3)
+    (operator_norm(layer, mode="reshape") ** 2).backward()
+    weight = layer.weight.detach().double().requires_grad_()
+    (torch.linalg.svdvals(weight.reshape(6, -1))[0] ** 2).backward()
+    scale = weight.grad.abs().max().item()
+    torch.testing.assert_close(layer.weight.grad.double(), weight.grad, rtol=RTOL, atol=RTOL * scale)
+
+
 def test_reshape_mode_is_the_reshaped_matrix_norm_and_bounds_the_circular_norm():
     layer = conv(6, 5, 3, 1, 1, "circular")
     reshaped = torch.linalg.svdvals(layer.weight.detach().double().reshape(5, -1))[0].item()
