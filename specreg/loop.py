@@ -175,6 +175,10 @@ class Run:
             module.load_state_dict(state[key])
         if state["regularizer_kind"] == kind:
             self.regularizer.load_state_dict(state["regularizer"])
+        else:  # a shared burn-in prefix: only the σ monitors of the feature layers carry over (same order)
+            own = self.regularizer.state_dict()
+            self.regularizer.load_state_dict({k: v for k, v in state["regularizer"].items()
+                                              if k.startswith("monitors.") and k in own}, strict=False)
         torch.set_rng_state(state["torch_rng"])
         self.batch_generator.set_state(state["batch_rng"])
         self.augment_generator.set_state(state["augment_rng"])
