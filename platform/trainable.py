@@ -98,8 +98,9 @@ class Trial:
         self.trial_id = tune.get_context().get_trial_id()
         self.config_run = self._open(self.trial_id, context["parent_run_id"], "trial", resolved,
                                      {tracking.TRIAL_ID: self.trial_id})
-        self.config_run.set_tags({tracking.SEARCHED: json.dumps(values),
-                                  "specreg.ray_node_id": ray.get_runtime_context().get_node_id()})
+        runtime = ray.get_runtime_context()
+        self.config_run.set_tags({tracking.SEARCHED: json.dumps(values), tracking.NODE: runtime.get_node_id(),
+                                  tracking.RESOURCES: json.dumps(runtime.get_assigned_resources())})
         params = dict(resolved)
         if self.multi:
             params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
@@ -123,8 +124,10 @@ class Trial:
 
     def run(self) -> None:
         import specreg
+        from specreg.loop import resolve_device
 
-        try:
+        try:  # the device ("auto": CUDA where this worker sees a GPU) is tracked where a failure is recorded
+            self.config_run.set_tags({tracking.DEVICE: str(resolve_device(self.resolved["train"]["device"]))})
             for index in range(len(self.state["results"]), len(self.seeds)):
                 seed = self.seeds[index]
                 seed_config = set_dotted(self.resolved, "train.seed", seed)
