@@ -3,10 +3,12 @@
 Everything the user can get wrong is checked before the first thing is created (the MLflow experiment,
 the sweep's storage folder): `BadInput` then means exit code 2 with nothing written.
 """
+import importlib.util
 import json
 import logging
 import math
 import os
+import urllib.parse
 from pathlib import Path
 
 import optuna
@@ -30,11 +32,35 @@ def connect(address: str | None) -> None:
     """Join the cluster at address, or start a new local Ray instance (reused if this process has one).
 
     address=None means "local": Ray's own default would silently join the last cluster started on this
-    machine, whoever started it.
+    machine, whoever started it. A cluster that cannot be joined is bad input (nothing is created yet).
     """
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    client = bool(address) and address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise BadInput(f"--address {address}: Ray Client needs Ray's client extra (grpcio): "
+                       "pip install 'ray[client]'")
+    try:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
+    except ConnectionError as error:
+        hint = ""
+        if client and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            # Ray sends its token only to a cluster it found itself (auto), never to an explicit address.
+            hint = (" If the cluster uses token authentication (the default of clusters Ray 2.60 starts), "
+                    "set RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token.")
+        raise BadInput(f"--address {address}: cannot join the Ray cluster: {error}.{hint}") from None
+
+
+def check_client_tracking(address: str | None, uri: str) -> None:
+    """Through Ray Client to another machine, trials run and log on the cluster's nodes, which cannot see a
+    SQLite store on this one (they would each write a store of their own at that path)."""
+    if not address or not address.startswith("ray://") or tracking.sqlite_path(uri) is None:
+        return
+    if urllib.parse.urlsplit(address).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise BadInput(f"--mlflow: the trials of a sweep joined through {address} log from the cluster, which "
+                       f"cannot see the SQLite store {tracking.sqlite_path(uri)} on this machine; pass the "
+                       "cluster's tracking server (e.g. --mlflow http://HEAD:5000)")
 
 
 def check_resources(spec: SweepSpec) -> int:
@@ -191,6 +217,7 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         raise BadInput(f"a sweep named {spec.name!r} already exists in {storage}; continue it with --resume "
                        "or choose another --name")
     uri = tracking.resolve_uri(mlflow_uri)
+    check_client_tracking(address, uri)
     tracking.check_reachable(uri)
     connect(address)
     fit = check_resources(spec)

@@ -44,7 +44,8 @@ def test_bad_options_exit_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_yaml(tmp_path / "space.yaml", tiny_space("ok"))
     for args, fragment in [(["--name", "../up"], "not a valid sweep name"), (["--samples", "0"], "--samples"),
-                           (["--resume"], "no sweep named 'ok'"), (["--max-concurrent", "0"], "--max-concurrent")]:
+                           (["--resume"], "no sweep named 'ok'"), (["--max-concurrent", "0"], "--max-concurrent"),
+                           (["--address", "ray://10.0.0.1:10001"], "cannot see the SQLite store")]:
         result = cli("sweep", "space.yaml", *args)
         assert result.exit_code == 2, (args, result.output)
         assert fragment in result.output
