@@ -36,10 +36,11 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def ensure_ray() -> None:
-    """The tests' local Ray instance (2 CPUs), started once, or again after the multi-node test. A new one
-    ("local"): Ray's default joins the cluster last started on this machine, whoever started it."""
+    """The tests' local Ray instance (2 CPUs, no GPU even on a machine with one), started once, or again
+    after the multi-node and GPU tests. A new one ("local"): Ray's default joins the cluster last started
+    on this machine, whoever started it."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
