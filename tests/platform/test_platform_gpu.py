@@ -49,4 +49,6 @@ def test_more_gpus_than_a_node_has_exit_2(tmp_path, monkeypatch, one_gpu):
     write_yaml(tmp_path / "space.yaml", tiny_space("two-gpus", resources={"cpu": 1, "gpu": 2}))
     result = cli("sweep", "space.yaml")
     assert result.exit_code == 2 and "resources.gpu" in result.output and "no node has more than 1" in result.output
+    result = cli("sweep", "space.yaml", "--gpus-per-trial", "1.5")
+    assert result.exit_code == 2 and "1.5 GPUs per trial" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
