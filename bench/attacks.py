@@ -10,7 +10,10 @@ those extra queries are not charged to ART). Its budget is max_iter-driven: we c
 the model and give our attacks that many queries per point. ART's PyTorchClassifier feeds float64 under
 NumPy 2, so the model is wrapped to cast to float32.
 
-    python bench/attacks.py [--art-points 50] [--points 200] [--threads 2]
+    python bench/attacks.py [--art-points 50] [--points 200] [--threads 1 2]
+
+Each thread count gets its own table: torch's intra-op threads and NumPy's BLAS threads (ART's own
+arithmetic) are both set to it, so the two tools always run with the same number of threads.
 """
 import argparse
 import gzip
@@ -21,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from specreg import attacks, models
@@ -44,7 +48,7 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     import art
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"numpy {np.__version__}, ART {art.__version__}, Python {platform.python_version()}")
 
 
@@ -176,26 +180,19 @@ def compare(title, model, x_test, y_test, art_points, points, max_iter):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--art-points", type=int, default=50)
-    parser.add_argument("--points", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-iter", type=int, default=10, help="ART HopSkipJump iterations")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    began = time.perf_counter()
-    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}\n")
+HEADER = ("| model | attack | points | queries/point | median L2 (ART: raw / refined) "
+          "| ÷ ART refined: medians / per-point geo-mean | success | seconds (ms/point) | speed-up vs ART per point |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
-    rows = []
+
+def trained_models():
+    """The three benchmark models, each with its test set."""
     x, y, xt, yt = digits()
     start = time.perf_counter()
     mlp = train(models.build({"name": "mlp", "widths": [256]}, (1, 8, 8), 10), x, y, epochs=30)
     print(f"digits MLP 64-256-10: {time.perf_counter() - start:.1f}s to train, "
           f"test acc {(mlp(xt).argmax(1) == yt).float().mean():.3f}")
-    rows += compare("digits MLP", mlp, xt, yt, args.art_points, args.points, args.max_iter)
-
+    out = [("digits MLP", mlp, xt, yt)]
     x, y, xt, yt = fashion()
     for title, spec, epochs in (("F-MNIST MLP", {"name": "mlp", "widths": [256]}, 3),
                                 ("F-MNIST SLP-2000", {"name": "slp", "width": 2000, "activation": "gelu"}, 3)):
@@ -204,18 +201,37 @@ def main():
         with torch.no_grad():
             acc = torch.cat([model(xs).argmax(1) for xs in xt.split(2000)]).eq(yt).float().mean()
         print(f"{title}: {time.perf_counter() - start:.1f}s to train, test acc {acc:.3f}")
-        rows += compare(title, model, xt, yt, args.art_points, args.points, args.max_iter)
+        out.append((title, model, xt, yt))
+    return out
 
-    print("\n| model | attack | points | queries/point | median L2 (ART: raw / refined) "
-          "| ÷ ART refined: medians / per-point geo-mean | success | seconds (ms/point) | speed-up vs ART per point |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
 
-    print("\nCPU-budget line: 200 Fashion-MNIST test points, 1000 queries each, SLP-2000")
-    for name in ("tangent", "hsja"):
-        res, s = ours(model, xt[:200], yt[:200], name, 1000)
-        print(f"- {name}: {s:.1f}s, median {median(res.distances):.4f}, "
-              f"queries/point {res.queries.double().mean():.0f}, inf {int(torch.isinf(res.distances).sum())}")
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--art-points", type=int, default=50)
+    parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--max-iter", type=int, default=10, help="ART HopSkipJump iterations")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}\n")
+    benchmarks = trained_models()
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        with threadpool_limits(threads, user_api="blas"):
+            print(f"\n### {threads} thread{'s' * (threads > 1)} (load average {os.getloadavg()[0]:.2f})\n")
+            rows = []
+            for title, model, xt, yt in benchmarks:
+                rows += compare(title, model, xt, yt, args.art_points, args.points, args.max_iter)
+            print(f"\n{HEADER}\n" + "\n".join(rows))
+
+            print(f"\nCPU-budget line ({threads} threads): 200 Fashion-MNIST test points, 1000 queries each, SLP-2000")
+            title, model, xt, yt = benchmarks[-1]
+            for name in ("tangent", "hsja"):
+                res, s = ours(model, xt[:200], yt[:200], name, 1000)
+                print(f"- {name}: {s:.1f}s, median {median(res.distances):.4f}, "
+                      f"queries/point {res.queries.double().mean():.0f}, inf {int(torch.isinf(res.distances).sum())}")
     print(f"\ntotal {time.perf_counter() - began:.0f}s; load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -125,6 +125,47 @@ def test_queries_are_counted_per_row_and_within_budget():
         assert (result.queries[:3] == 1).all()
 
 
+def boundary_points(model, x):
+    """x projected onto the linear model's boundary w·x + b = 0."""
+    w = model.w.float()
+    return x - (model.margin(x).float() / w.dot(w))[:, None] * w
+
+
+def test_normal_estimate_is_the_direct_formula_whatever_the_chunking():
+    """The chunked estimate equals HopSkipJump's formula computed sample by sample on the same probes
+    (same draws: m shared directions, one ±1 flip per sample and coordinate), for uneven probe counts."""
+    model, x, y = linear_problem(n=5, d=16)
+    xb = boundary_points(model, x)
+    idx, evals = torch.arange(5), torch.tensor([30, 12, 45, 1, 20])
+    delta = torch.tensor([0.1, 0.05, 0.2, 0.1, 0.01])
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(45, 16, generator=gen)
+    shared /= shared.norm(dim=1, keepdim=True)
+    flips = torch.randint(0, 2, (5, 16), generator=gen, dtype=torch.float32) * 2 - 1
+    expected = []
+    for i in range(5):
+        probes = (xb[i] + delta[i] * flips[i] * shared[:evals[i]]).clamp(0, 1)
+        sign = 2 * (model(probes).argmax(1) != y[i]).float() - 1
+        if sign.mean().abs() < 1:
+            sign = sign - sign.mean()
+        grad = (sign[:, None] * (probes - xb[i])).sum(0)
+        expected.append(grad / grad.norm())
+    for batch_size in (7, 64, 10_000):
+        oracle = attacks._Oracle(model, (16,), y, 100, batch_size)
+        u = attacks._estimate_normal(oracle, xb, idx, delta, evals, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(u, torch.stack(expected), atol=1e-5, rtol=1e-4)
+        assert torch.equal(oracle.queries, evals)
+
+
+def test_normal_estimate_finds_the_linear_boundary_normal():
+    model, x, y = linear_problem(n=20, d=64)
+    oracle = attacks._Oracle(model, (64,), y, 10_000, 256)
+    u = attacks._estimate_normal(oracle, boundary_points(model, x), torch.arange(20), torch.full((20,), 0.01),
+                                 torch.full((20,), 2000), torch.Generator().manual_seed(0))
+    toward_adversarial = torch.where(y == 1, -1.0, 1.0)[:, None] * model.w.float() / model.w.norm().float()
+    assert ((u * toward_adversarial).sum(1) > 0.9).all()
+
+
 def test_progress_bar_shows_samples_and_queries(capsys):
     model, x, y = linear_problem(n=8)
     attacks.run(model, x, y, "hsja", 300, progress=True)
