@@ -61,7 +61,7 @@ def ensure_ray() -> None:
         if hook == RUNTIME_ENV["worker_process_setup_hook"]:
             return
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=RUNTIME_ENV,
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, runtime_env=RUNTIME_ENV,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
