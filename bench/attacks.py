@@ -220,13 +220,14 @@ def main():
     for threads in args.threads:
         torch.set_num_threads(threads)
         with threadpool_limits(threads, user_api="blas"):
-            print(f"\n### {threads} thread{'s' * (threads > 1)} (load average {os.getloadavg()[0]:.2f})\n")
+            label = f"{threads} thread{'s' * (threads > 1)}"
+            print(f"\n### {label} (load average {os.getloadavg()[0]:.2f})\n")
             rows = []
             for title, model, xt, yt in benchmarks:
                 rows += compare(title, model, xt, yt, args.art_points, args.points, args.max_iter)
             print(f"\n{HEADER}\n" + "\n".join(rows))
 
-            print(f"\nCPU-budget line ({threads} threads): 200 Fashion-MNIST test points, 1000 queries each, SLP-2000")
+            print(f"\nCPU-budget line ({label}): 200 Fashion-MNIST test points, 1000 queries each, SLP-2000")
             title, model, xt, yt = benchmarks[-1]
             for name in ("tangent", "hsja"):
                 res, s = ours(model, xt[:200], yt[:200], name, 1000)

@@ -338,7 +338,7 @@ def _estimate_normal(oracle, xb, idx, delta, evals, gen):
     The m directions are drawn once per round and flipped by a random sign per sample and coordinate:
     each sample still gets m iid uniform directions (HopSkipJump's estimator), uncorrelated across
     samples, while the generator draws m·d normals instead of k·m·d. The probes are built, queried and
-    summed one `batch_size` chunk at a time, so they never leave the cache: with s = ±1 the decision and
+    summed one `batch_size` chunk at a time, so they stay in cache: with s = ±1 the decision and
     S = the sum of the (clipped) steps, the estimate sum((s − mean s)·step) is sum(s·step) − mean(s)·S."""
     k, d = xb.shape
     shared = torch.randn(int(evals.max()), d, generator=gen, device=xb.device)
