@@ -1,18 +1,24 @@
-"""Step-time overhead of the spectral regularizers, measured side by side in one process.
+"""Step-time overhead of the spectral regularizers, measured side by side in one run.
 
-1. SLP-2000 (784→2000 GELU→10), batch 1024: `none` vs `rep-spectral` at every=1 and every=24.
-   The configurations are interleaved round by round so that machine noise hits them alike.
-2. ResNet-18 convs (circular padding, 32×32): see bench/conv_norm.py (warm-started exact norm vs a
-   per-frequency decomposition), whose table is appended here.
+1. SLP-2000 (784→2000 GELU→10), batch 1024: `none` vs `rep-spectral` at every=1 and every=24, in one
+   process with the allocator setting training uses (`specreg.loop.keep_freed_memory`). The
+   configurations are interleaved round by round so that machine noise hits them alike.
+2. Allocator: the step of a small-batch MLP (digits-sized input, 3×1024 GELU, batch 32, as in the
+   sweep benchmark) with glibc's default malloc settings against `keep_freed_memory`, in child
+   processes that alternate (the setting is process-wide).
+3. ResNet-18 convs (circular padding, 32×32): see bench/conv_norm.py (warm-started exact norm vs a
+   per-frequency decomposition), which writes docs/benchmarks_conv.md.
 
-Run: python bench/regularizer_overhead.py [--rounds 30]  → prints a table and writes docs/benchmarks_regularizer.md
+Run: python bench/regularizer_overhead.py [--rounds 30]  → prints tables and writes docs/benchmarks_regularizer.md
 """
 import argparse
 import platform as stdlib_platform
 import random
 import statistics
 import os
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,16 +26,22 @@ import torch
 import torch.nn.functional as F
 
 from specreg import models, regularizers
+from specreg.loop import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_step(kind: str, every: int):
+SLP = ({"name": "slp", "width": 2000, "activation": "gelu"}, (1, 28, 28), 1024, "feature")
+SMALL_MLP = ({"name": "mlp", "widths": [1024, 1024, 1024], "activation": "gelu"}, (1, 8, 8), 32, "all")
+
+
+def make_step(kind: str, every: int, setup=SLP):
+    model_spec, input_shape, batch, placement = setup
     torch.manual_seed(0)
-    model = models.build({"name": "slp", "width": 2000, "activation": "gelu"}, (1, 28, 28), 10)
-    reg = regularizers.build({"kind": kind, "strength": 1e-3, "placement": "feature"}).attach(model)
+    model = models.build(model_spec, input_shape, 10)
+    reg = regularizers.build({"kind": kind, "strength": 1e-3, "placement": placement}).attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.rand(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
+    x, y = torch.rand(batch, *input_shape), torch.randint(0, 10, (batch,))
     state = {"step": 0}
 
     def step():
@@ -72,14 +84,49 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def allocator_child(mode: str) -> None:
+    """Print the median step times (s) of the small MLP, none and rep-spectral every=1, under `mode`."""
+    if mode == "keep-freed":
+        keep_freed_memory()
+    steps = {"none": make_step("none", 1, SMALL_MLP), "rep-spectral every=1": make_step("rep-spectral", 1, SMALL_MLP)}
+    samples = time_interleaved(steps, rounds=10, per_round=40)
+    print(json.dumps({name: statistics.median(times) for name, times in samples.items()}))
+
+
+def allocator_part(rounds: int, threads: int) -> list[str]:
+    modes = ["glibc default", "keep-freed"]
+    results = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        random.shuffle(modes)
+        for mode in modes:
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--threads", str(threads)],
+                                 capture_output=True, text=True, check=True).stdout
+            results[mode].append(json.loads(out.splitlines()[-1]))
+    lines = ["", "## Allocator: freed memory kept for reuse (`specreg.loop.keep_freed_memory`)", "",
+             f"MLP 64→1024→1024→1024→10 (GELU), batch 32, SGD with momentum; {rounds} child processes per "
+             "setting, alternating, each the median of 10 rounds of 40 steps; the table gives the median "
+             "over processes.", "",
+             "| configuration | glibc default (ms) | keep freed (ms) | speed-up |", "| --- | --- | --- | --- |"]
+    for name in results["keep-freed"][0]:
+        default = statistics.median(r[name] for r in results["glibc default"])
+        kept = statistics.median(r[name] for r in results["keep-freed"])
+        lines.append(f"| {name} | {default * 1e3:.2f} | {kept * 1e3:.2f} | {default / kept:.2f}× |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--per-round", type=int, default=24)
+    parser.add_argument("--allocator-rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child:
+        return allocator_child(args.child)
     random.seed(0)
+    keep_freed_memory()  # as in training
     steps = {"none": make_step("none", 1), "rep-spectral every=1": make_step("rep-spectral", 1),
              "rep-spectral every=24": make_step("rep-spectral", 24)}
     samples = time_interleaved(steps, args.rounds, args.per_round)
@@ -96,6 +143,7 @@ def main():
         q1, ratio, q3 = quartiles([t / base for t, base in zip(times, samples["none"])])
         lines.append(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio:.3f} [{q1:.3f}, {q3:.3f}] "
                      f"| {targets[name]} |")
+    lines += allocator_part(args.allocator_rounds, args.threads)
     text = "\n".join(lines) + "\n"
     print(text)
     (ROOT / "docs" / "benchmarks_regularizer.md").write_text(text)

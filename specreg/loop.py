@@ -7,6 +7,8 @@ autocast on CUDA, the divergence check, an atomic checkpoint and `on_epoch` afte
 are counted across phases, so a checkpoint names one point of the whole experiment and resumes anywhere.
 The data lives on the training device; per-batch sums stay there and are read once per epoch.
 """
+import ctypes
+import ctypes.util
 import math
 import os
 import random
@@ -46,6 +48,22 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
     return device
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed heap memory for reuse instead of returning it to the OS after every step.
+
+    A CPU training step frees and re-allocates the same multi-megabyte gradient and activation buffers;
+    with glibc's defaults they go back to the OS and are page-faulted in again on the next step, which
+    made a batch-32 MLP step about 1.6x slower (bench/regularizer_overhead.py, part "allocator"). No
+    library does this without LD_PRELOAD (jemalloc, tcmalloc), so it is two `mallopt` calls: buffers up
+    to 32 MiB come from the heap, and up to 1 GiB of free heap is kept. Elsewhere than glibc: nothing.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its largest allowed value)
 
 
 def seed_everything(seed: int) -> None:
@@ -145,6 +163,7 @@ class Run:
     def __init__(self, config: dict, device, modules: dict, regularizer, regularized, on_epoch=None,
                  checkpoint_dir=None, resume_from=None, stop_after_epochs=None):
         seed = config["train"]["seed"]
+        keep_freed_memory()
         self.config, self.device, self.modules = config, device, modules
         self.regularizer, self.regularized = regularizer, regularized
         self.total = sum(phase_epochs(config).values())
