@@ -16,7 +16,6 @@ Each thread count gets its own table: torch's intra-op threads and NumPy's BLAS 
 arithmetic) are both set to it, so the two tools always run with the same number of threads.
 """
 import argparse
-import gzip
 import os
 import platform
 import subprocess
@@ -27,9 +26,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from specreg import attacks, models
-
-FASHION = "/usr/share/datasets/fashion-mnist"
+from specreg import attacks, data, models
 
 
 class Counted(nn.Module):
@@ -63,27 +60,17 @@ def digits():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def idx(name):
-    with gzip.open(f"{FASHION}/{name}.gz") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-
-
 def fashion():
-    splits = ("train", "t10k")
-    images = {split: idx(f"{split}-images-idx3-ubyte").float().div(255).unsqueeze(1) for split in splits}
-    labels = {split: idx(f"{split}-labels-idx1-ubyte").long() for split in splits}
-    return images["train"], labels["train"], images["t10k"], labels["t10k"]
+    fmnist = data.load({"name": "fashion_mnist"})
+    return fmnist.x_train, fmnist.y_train, fmnist.x_test, fmnist.y_test
 
 
 def train(model, x, y, epochs, lr=1e-3, batch=128, seed=0):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr)
     for _ in range(epochs):
-        for rows in torch.randperm(len(x), generator=gen).split(batch):
-            loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+        for xb, yb in data.batches(x, y, batch, gen):
+            loss = nn.functional.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
