@@ -114,16 +114,14 @@ class _Oracle:
         """Labels of flat rows, uncharged (callers charge them)."""
         return predict(self.model, rows.reshape(-1, *self.shape), self.batch_size)
 
+    def labels(self, rows, idx):
+        """Labels of flat rows (n, d), each charged one query to its sample idx (n,; may repeat)."""
+        self.queries.index_add_(0, idx, torch.ones_like(idx))
+        return self.predict(rows)
+
     def adversarial(self, rows, idx):
         """Whether each of flat rows (n, d) is adversarial for its sample idx (n,); one query each."""
-        self.queries.index_add_(0, idx, torch.ones_like(idx))
-        return self.predict(rows) != self.y.index_select(0, idx)
-
-    def labels(self, rows, idx):
-        """Labels of one row per sample `idx`, charged one query each."""
-        labels = self.predict(rows)
-        self.queries[idx] += 1
-        return labels
+        return self.labels(rows, idx) != self.y.index_select(0, idx)
 
     def ask(self, points, idx, limit=None):
         """Which of points (k, m, d) are adversarial for samples idx (k,). Row j of sample i is only fed
