@@ -18,7 +18,6 @@ arithmetic) are both set to it, so the two tools always run with the same number
 import argparse
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from host import cpu_model
 from specreg import attacks, data, models
 
 
@@ -42,10 +42,8 @@ class Counted(nn.Module):
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     import art
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"numpy {np.__version__}, ART {art.__version__}, Python {platform.python_version()}")
 
 

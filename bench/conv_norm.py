@@ -12,9 +12,7 @@ One torch thread by default: on the shared 2-core machine two threads thrash (4-
 """
 import argparse
 import os
-import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from host import cpu_model
 from specreg.spectral import OperatorNorm
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks_conv.md"
@@ -115,12 +114,6 @@ def run(steps):
         print(f"step {step}: ours {times['ours'][-1]:.3f}s, {baseline} {times[baseline][-1]:.3f}s, "
               f"max relative σ difference {errors[-1]:.1e}", flush=True)
     return {name: sum(t) / len(t) for name, t in times.items() if t}, max(errors), cold
-
-
-def cpu_model():
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
-                platform.processor())
 
 
 def report(mean, error, cold, args):

@@ -12,7 +12,6 @@
 Run: python bench/regularizer_overhead.py [--rounds 30]  → prints tables and writes docs/benchmarks_regularizer.md
 """
 import argparse
-import platform as stdlib_platform
 import random
 import statistics
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from host import cpu_model
 from specreg import models, regularizers
 from specreg.loop import keep_freed_memory
 
@@ -79,9 +79,7 @@ def quartiles(values):
 
 
 def machine() -> str:
-    cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True,
-                         text=True).stdout.strip() or stdlib_platform.processor()
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def allocator_child(mode: str) -> None:

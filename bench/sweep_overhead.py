@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from host import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 BURNIN_BASE = {
     "task": "supervised",
@@ -125,14 +127,12 @@ def shared_burnin(work: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2 ** 20
     import mlflow
     import optuna
     import ray
 
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB; Python {platform.python_version()}, torch "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {memory:.0f} GiB; Python {platform.python_version()}, torch "
             f"{torch.__version__}, Ray {ray.__version__}, Optuna {optuna.__version__}, MLflow {mlflow.__version__}")
 
 
