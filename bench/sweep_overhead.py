@@ -37,9 +37,9 @@ BURNIN_BASE = {
 }
 
 
-def sweep(space: dict, work: Path, *args: str) -> tuple[float, float, list]:
+def sweep(space: dict, work: Path, *args: str) -> tuple:
     """Run `specreg sweep` in a fresh store; return its wall seconds, the seconds before the first trial
-    and after the last (Ray and MLflow start-up, summary), and the trial records."""
+    and after the last (Ray and MLflow start-up, summary), the trial records and the store's client."""
     from specreg_platform import results, tracking
 
     path = work / f"{space['name']}.yaml"
@@ -52,17 +52,16 @@ def sweep(space: dict, work: Path, *args: str) -> tuple[float, float, list]:
     mlflow = tracking.client(tracking.resolve_uri(str(store)))
     trials = results.trials(mlflow, results.find_sweep(mlflow, space["name"]))
     fixed = (min(t.start_ms for t in trials) / 1000 - started) + (ended - max(t.end_ms for t in trials) / 1000)
-    return ended - started, fixed, trials
+    return ended - started, fixed, trials, mlflow
 
 
 def overhead(work: Path) -> dict:
     import specreg
-    from specreg_platform import results, tracking
+    from specreg_platform import results
 
     space = yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text())
     space.update(name="bench-quickstart", run={"shared_burnin": False})
-    sweep_seconds, fixed, trials = sweep(space, work, "--max-concurrent", "1")
-    mlflow = tracking.client(tracking.resolve_uri(str(work / "mlruns.db")))
+    sweep_seconds, fixed, trials, mlflow = sweep(space, work, "--max-concurrent", "1")
     configs = [results.run_config(mlflow, t.run_id) for t in trials]
     torch.set_num_threads(1)
     durations = []
@@ -78,11 +77,8 @@ def overhead(work: Path) -> dict:
             "in_trial_overhead": trial_seconds / baseline - 1}
 
 
-def compute_seconds(store: Path, trial, after_epoch: int) -> float:
+def compute_seconds(mlflow, trial, after_epoch: int) -> float:
     """A trial's regularized epochs plus its attack: what resuming from a prefix cannot save."""
-    from specreg_platform import tracking
-
-    mlflow = tracking.client(tracking.resolve_uri(str(store)))
     epochs = mlflow.get_metric_history(trial.run_id, "epoch_seconds")
     return sum(m.value for m in epochs if m.step > after_epoch) + trial.metrics["attack_seconds"]
 
@@ -97,19 +93,16 @@ def burnin_sweep(work: Path, shared: bool, label: str) -> dict:
     folder = work / space["name"]
     folder.mkdir()
     load = os.getloadavg()[0]
-    wall, _, trials = sweep(space, folder, "--max-concurrent", "1")
+    wall, _, trials, mlflow = sweep(space, folder, "--max-concurrent", "1")
     durations = sorted(t.duration_s for t in trials)
     figures = {"wall_s": wall, "trial_s": sum(durations), "trials": len(trials), "loads": (load, os.getloadavg()[0])}
     if shared:
-        from specreg_platform import tracking
-
-        mlflow = tracking.client(tracking.resolve_uri(str(folder / "mlruns.db")))
         marks = {t.run_id: mlflow.get_run(t.run_id).data.tags.get("specreg.burnin") for t in trials}
         prefix = round(BURNIN_BASE["regularizer"]["burnin"] * BURNIN_BASE["train"]["epochs"])
         trained = [t for t in trials if marks[t.run_id] == "trained"]
         resumed = [t for t in trials if marks[t.run_id] == "cached"]
         assert len(trained) == 1 and len(resumed) == len(trials) - 1, f"the prefix is trained once: {marks}"
-        compute = [compute_seconds(folder / "mlruns.db", t, prefix) for t in resumed]
+        compute = [compute_seconds(mlflow, t, prefix) for t in resumed]
         figures.update(prefix_s=trained[0].duration_s,
                        resumed_mean_s=sum(t.duration_s for t in resumed) / len(resumed),
                        resumed_compute_s=sum(compute) / len(compute),
