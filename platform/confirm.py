@@ -109,10 +109,7 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
     tracking.check_reachable(uri)
     mlflow = tracking.client(uri)
     sweep = results.find_sweep(mlflow, name)
-    objectives = sweep.objectives
-    if objective:
-        listed = {o["metric"]: o["mode"] for o in objectives}
-        objectives = [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
+    objectives = results.ranking_objectives(sweep, objective, mode)
     records = results.trials(mlflow, sweep)
     chosen = choose(records, objectives, top, per)
     if not chosen:

@@ -237,13 +237,18 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
     return columns, rows
 
 
+def ranking_objectives(sweep: Sweep, objective: str | None = None, mode: str | None = None) -> list[dict]:
+    """The sweep's objectives, or `objective` alone (its mode: `mode`, else the sweep's, else max)."""
+    if not objective:
+        return sweep.objectives
+    listed = {o["metric"]: o["mode"] for o in sweep.objectives}
+    return [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
+
+
 def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str | None = None) -> dict:
     """Write best.yaml, pareto.yaml, trials.parquet and summary.md; return their paths."""
     sweep = find_sweep(mlflow, name)
-    objectives = sweep.objectives
-    if objective:
-        listed = {o["metric"]: o["mode"] for o in objectives}
-        objectives = [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
+    objectives = ranking_objectives(sweep, objective, mode)
     from .confirm import prefer_confirmed
 
     records = prefer_confirmed(mlflow, sweep, trials(mlflow, sweep))
