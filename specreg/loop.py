@@ -100,13 +100,18 @@ def accuracy(model, x, y) -> float:
 
 
 @torch.no_grad()
-def feature_spectrum(model, x) -> torch.Tensor:
-    """Eigenvalues of the representation's covariance on up to SPECTRUM_SAMPLES inputs."""
+def encode(model, x) -> torch.Tensor:
+    """`model.features` of every input, in eval mode, as float32."""
     was_training = model.training
     model.eval()
-    features = model.features(x[:SPECTRUM_SAMPLES]).float()
+    features = torch.cat([model.features(x[i:i + EVAL_BATCH]).float() for i in range(0, len(x), EVAL_BATCH)])
     model.train(was_training)
-    return spectral.covariance_spectrum(features)
+    return features
+
+
+def feature_spectrum(model, x) -> torch.Tensor:
+    """Eigenvalues of the representation's covariance on up to SPECTRUM_SAMPLES inputs."""
+    return spectral.covariance_spectrum(encode(model, x[:SPECTRUM_SAMPLES]))
 
 
 def finite_or_none(value: float):

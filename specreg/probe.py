@@ -3,20 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import EVAL_BATCH, Phase, accuracy, classification_loss
+from .loop import EVAL_BATCH, Phase, accuracy, classification_loss, encode
 from .models import Normalize
 
 KNN_K = 20
-
-
-@torch.no_grad()
-def encode(model, x) -> torch.Tensor:
-    """`model.features` of every input, in eval mode, as float32."""
-    was_training = model.training
-    model.eval()
-    features = torch.cat([model.features(x[i:i + EVAL_BATCH]).float() for i in range(0, len(x), EVAL_BATCH)])
-    model.train(was_training)
-    return features
 
 
 @torch.no_grad()
