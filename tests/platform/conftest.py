@@ -2,6 +2,8 @@
 import pytest
 import ray
 
+from shared_helpers import sqlite_uri
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray():
@@ -12,8 +14,4 @@ def _stop_ray():
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> str:
     """One MLflow SQLite store for the session (creating one takes seconds)."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
+    return sqlite_uri(tmp_path_factory.mktemp("mlflow"))

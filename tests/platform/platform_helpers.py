@@ -3,10 +3,8 @@ import copy
 from pathlib import Path
 
 import ray
-import yaml
-from typer.testing import CliRunner
 
-from specreg_platform.cli import app
+from shared_helpers import cli, write_yaml  # noqa: F401 (the test modules import them from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = ROOT / "search_spaces"
@@ -30,11 +28,6 @@ def tiny_space(name: str, **changes) -> dict:
     return space
 
 
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def ensure_ray() -> None:
     """The tests' local Ray instance (2 CPUs, no GPU even on a machine with one), started once, or again
     after the multi-node and GPU tests. A new one ("local"): Ray's default joins the cluster last started
@@ -42,8 +35,3 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
-
-
-def cli(*args: str):
-    """Run `specreg ARGS` in this process (so sweeps join the tests' Ray instance)."""
-    return CliRunner().invoke(app, [str(a) for a in args])

@@ -3,7 +3,6 @@
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,10 @@ from mlflow import MlflowClient
 from specreg_platform import results
 
 from platform_helpers import SPACES
+from shared_helpers import free_port
 
 pytest.importorskip("grpc", reason="Ray Client needs the ray[client] extra (grpcio)")
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -63,7 +57,7 @@ def head_node(tmp_path):
     """A Ray head (2 CPUs) in its own process group, with its Ray Client server and its own token; its
     address and token."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, client_port = _free_port(), _free_port()
+    port, client_port = free_port(), free_port()
     token = secrets.token_hex(32)
     log = tmp_path / "ray-head.log"
     with open(log, "w") as out:

@@ -1,5 +1,4 @@
 """A sweep on a Ray cluster of two worker nodes, logging to a real `mlflow server` on 127.0.0.1."""
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ from ray.cluster_utils import Cluster
 from specreg_platform import results
 
 from platform_helpers import cli, tiny_space, write_yaml
+from shared_helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
@@ -38,7 +32,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180) -> N
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / "mlflow-server.log", "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
-from typer.testing import CliRunner
 
 import faults
-from specreg_platform.cli import app
+from shared_helpers import cli, sqlite_uri, write_yaml  # noqa: F401 (the test modules import them from here)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -41,11 +39,6 @@ def grid_space(name: str, key: str, values: list, **changes) -> dict:
     return space
 
 
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 # MLflow's HTTP client retries a refused connection for minutes by default; the outage test wants seconds.
 HTTP_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -63,11 +56,6 @@ def ensure_ray() -> None:
         ray.shutdown()
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, runtime_env=RUNTIME_ENV,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
-
-
-def cli(*args):
-    """Run `specreg ARGS` in this process (so sweeps join the tests' Ray instance)."""
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def specreg_process(*args, cwd, **kwargs) -> subprocess.Popen:
@@ -88,14 +76,6 @@ def kill_group(process) -> None:
 
 
 faults.install()  # the driver validates configs with the same builders the workers use
-
-
-def sqlite_uri(folder: Path) -> str:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{folder / 'mlruns.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
 
 
 @pytest.fixture(scope="module")

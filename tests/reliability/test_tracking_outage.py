@@ -1,7 +1,6 @@
 """An MLflow tracking server that does not answer when the sweep starts: the sweep fails before any trial
 or folder is created, with a message naming the URI. One killed mid-sweep (a real `mlflow server`): the
 trials finish, their writes wait in the sweep's storage, and `specreg sync` sends them once it is back."""
-import socket
 import subprocess
 import sys
 import threading
@@ -12,17 +11,12 @@ import pytest
 from mlflow import MlflowClient
 
 from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_group, write_yaml
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared_helpers import free_port
 
 
 def test_unreachable_server_at_start_fails_before_any_trial_naming_the_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     space = {"name": "outage", "base": TINY_BASE, "search": {"train.lr": {"choice": [0.05]}},
              "objectives": [{"metric": "clean_acc", "mode": "max"}], "samples": 1}
     write_yaml(tmp_path / "space.yaml", space)
@@ -56,7 +50,7 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
     ensure_ray()
     for key, value in HTTP_FAIL_FAST.items():
         monkeypatch.setenv(key, value)
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
     killed = threading.Event()
