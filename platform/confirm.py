@@ -154,12 +154,11 @@ def confirmations(mlflow, sweep: results.Sweep) -> dict[str, tuple[str, results.
             child = results.find_sweep(mlflow, name)
         except BadInput:
             continue  # the child sweep was deleted
-        links = {run.info.run_id: json.loads(run.data.tags[CONFIRMS_RUN]) for run in tracking.retry(
-            mlflow.search_runs, [child.experiment_id], f"tags.`{CONFIRMS_RUN}` != ''", max_results=1000)}
-        for record in results.trials(mlflow, child):
-            if record.status == "FINISHED":
-                for parent_run in links.get(record.run_id, []):
-                    found[parent_run] = (name, record)
+        for run in results.trial_runs(mlflow, child):  # one query: the records and their links (tags)
+            if run.info.status == "FINISHED":
+                confirmed = results.trial_record(name, run)
+                for parent_run in json.loads(run.data.tags.get(CONFIRMS_RUN, "[]")):
+                    found[parent_run] = (name, confirmed)
     return found
 
 

@@ -79,6 +79,11 @@ def all_sweeps(mlflow) -> list[Sweep]:
 
 def trials(mlflow, sweep: Sweep) -> list[TrialRecord]:
     """One record per trial (per config in an ablation) of the sweep, in start order."""
+    return [trial_record(sweep.name, run) for run in trial_runs(mlflow, sweep)]
+
+
+def trial_runs(mlflow, sweep: Sweep) -> list:
+    """The MLflow runs behind `trials`, in start order."""
     query = f"tags.`{tracking.PARENT}` = '{sweep.parent_run_id}' and tags.`{tracking.ROLE}` = 'trial'"
     runs, token = [], None
     while True:
@@ -88,11 +93,15 @@ def trials(mlflow, sweep: Sweep) -> list[TrialRecord]:
         token = page.token
         if not token:
             break
-    return [TrialRecord(sweep.name, r.info.run_id, r.data.tags.get(tracking.TRIAL_ID, ""), r.info.status,
-                        r.data.tags.get(tracking.OUTCOME, ""), dict(r.data.params),
-                        json.loads(r.data.tags.get(tracking.SEARCHED, "{}")), dict(r.data.metrics),
-                        r.info.start_time, r.info.end_time, r.data.tags.get(tracking.THREAT_MODEL, "none"))
-            for r in runs]
+    return runs
+
+
+def trial_record(sweep_name: str, run) -> TrialRecord:
+    """A trial's MLflow run as a TrialRecord."""
+    return TrialRecord(sweep_name, run.info.run_id, run.data.tags.get(tracking.TRIAL_ID, ""), run.info.status,
+                       run.data.tags.get(tracking.OUTCOME, ""), dict(run.data.params),
+                       json.loads(run.data.tags.get(tracking.SEARCHED, "{}")), dict(run.data.metrics),
+                       run.info.start_time, run.info.end_time, run.data.tags.get(tracking.THREAT_MODEL, "none"))
 
 
 def rankable(records: list[TrialRecord], metrics: list[str]) -> list[TrialRecord]:
