@@ -476,9 +476,8 @@ def confirmation_section(data: SweepData) -> list[Block]:
         if record.run_id in found:
             child, confirmed = found[record.run_id]
             rows.append([record.trial_id, data.kind(record), child, *(
-                f"{_fmt(record.metrics.get(m), m)} → "
-                + _with_interval(confirmed.metrics.get(m), confirmed.metrics.get(f"{m}_ci95_low"),
-                                 confirmed.metrics.get(f"{m}_ci95_high"), m) for m in metrics)])
+                f"{_fmt(record.metrics.get(m), m)} → " + _with_interval(*data.interval(confirmed, m), m)
+                for m in metrics)])
     return [Block("heading", "Confirmation with fresh seeds"),
             Block("text", "The sweep's value → the confirmed seed mean [95% t-interval]; `specreg export` ranks "
                           "these configs by their confirmed means."),
