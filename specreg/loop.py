@@ -149,8 +149,7 @@ class Phase:
     loss: Callable  # (xb, yb) -> (loss, number of correct predictions or None)
     x: torch.Tensor
     y: torch.Tensor
-    epochs: int
-    train: dict  # optimizer, lr, schedule, batch_size, amp, … (TrainSpec keys)
+    train: dict  # epochs, optimizer, lr, schedule, batch_size, amp, … (TrainSpec keys)
     evaluate: Callable[[], dict]  # end-of-epoch metrics under their final names
     classifier: Optional[nn.Module] = None  # the regularizer's model, if this phase applies the penalty
     augment: Optional[str] = None  # a `data.AUGMENTATIONS` name for the batches
@@ -212,7 +211,7 @@ class Run:
 
     def fit(self, phase: Phase) -> bool:
         """Train `phase` from where the run stands; False if the run stops before the phase ends."""
-        begin, end = self.offset, self.offset + phase.epochs
+        begin, end = self.offset, self.offset + phase.train["epochs"]
         self.offset = end
         if self.epoch >= end:
             return True

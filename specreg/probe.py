@@ -40,5 +40,5 @@ def probe_phase(config: dict, model, data) -> Phase:
     def evaluate():
         return {"probe/test_acc": accuracy(model.head, test_features, data.y_test)}
 
-    return Phase("probe", model.head, classification_loss(model.head), train_features, data.y_train,
-                 probe["epochs"], settings, evaluate)
+    return Phase("probe", model.head, classification_loss(model.head), train_features, data.y_train, settings,
+                 evaluate)

@@ -139,7 +139,7 @@ def experiment(config: dict, device, **run_options) -> dict:
         return {"pretrain/knn_acc": knn_accuracy(model, data), **encoder_metrics(regularizer, model, data.x_test)}
 
     pretrain = Phase("pretrain", nn.ModuleList([model.features, projection]), loss, data.x_train, data.y_train,
-                     config["train"]["epochs"], config["train"], evaluate, classifier=model, drop_last=True)
+                     config["train"], evaluate, classifier=model, drop_last=True)
     if not (run.fit(pretrain) and run.fit(probe_phase(config, model, data))):
         return run.summary()
     return run.finish(model, data.x_test, data.y_test, knn_acc=knn_accuracy(model, data))

@@ -25,8 +25,7 @@ def supervised(config: dict, device, **run_options) -> dict:
                 **encoder_metrics(regularizer, model, data.x_test)}
 
     done = run.fit(Phase(SUPERVISED, model, classification_loss(model), data.x_train, data.y_train,
-                         config["train"]["epochs"], config["train"], evaluate, classifier=model,
-                         augment=data.augment))
+                         config["train"], evaluate, classifier=model, augment=data.augment))
     return run.finish(model, data.x_test, data.y_test) if done else run.summary()
 
 

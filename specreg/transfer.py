@@ -55,7 +55,7 @@ def experiment(config: dict, device, **run_options) -> dict:
 
     epochs = config["source"]["epochs"]
     pretrain = Phase("pretrain", source_model, classification_loss(source_model), source.x_train, source.y_train,
-                     epochs, {**config["train"], "epochs": epochs}, evaluate_source,
+                     {**config["train"], "epochs": epochs}, evaluate_source,
                      classifier=None if stage == "target" else source_model, augment=source.augment)
     if not run.fit(pretrain):
         return run.summary()
@@ -70,7 +70,7 @@ def experiment(config: dict, device, **run_options) -> dict:
                     **encoder_metrics(regularizer, model, target.x_test)}
 
         loss = l2sp_loss(model, anchor, settings["l2sp"]) if finetune_l2sp else classification_loss(model)
-        target_phase = Phase("finetune", model, loss, target.x_train, target.y_train, config["train"]["epochs"],
+        target_phase = Phase("finetune", model, loss, target.x_train, target.y_train,
                              config["train"], evaluate_target, classifier=None if stage == "source" else model,
                              augment=target.augment)
     if not run.fit(target_phase):
