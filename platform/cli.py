@@ -34,6 +34,15 @@ def _storage_option():
     return typer.Option(Path("specreg-runs"), "--storage", help=STORAGE_HELP, envvar="SPECREG_STORAGE")
 
 
+def _rich_echo(text: str) -> None:
+    Console().print(text, highlight=False, soft_wrap=True)
+
+
+def _check_mode(mode: Optional[str]) -> None:
+    if mode not in (None, "max", "min"):
+        raise BadInput(f"--mode: must be max or min, got {mode!r}")
+
+
 def exits(command):
     """Turn bad input into exit code 2 and any other error into exit code 1, each with a message."""
     @functools.wraps(command)
@@ -78,7 +87,7 @@ def sweep(
 
     code = run_sweep(space, samples=samples, name=name, mlflow_uri=mlflow, storage=storage,
                      max_concurrent=max_concurrent, resume=resume, smoke=smoke, address=address,
-                     gpus_per_trial=gpus_per_trial, echo=lambda text: Console().print(text, highlight=False, soft_wrap=True))
+                     gpus_per_trial=gpus_per_trial, echo=_rich_echo)
     raise typer.Exit(code)
 
 
@@ -143,8 +152,7 @@ def export(
     """Export a sweep's best config (trainable with `specreg train`), Pareto front, trials and summary."""
     from .results import export as export_sweep
 
-    if mode not in (None, "max", "min"):
-        raise BadInput(f"--mode: must be max or min, got {mode!r}")
+    _check_mode(mode)
     paths = export_sweep(_client(mlflow), name, out, objective, mode)
     for path in paths.values():
         typer.echo(str(path))
@@ -264,11 +272,10 @@ def confirm(
     """Re-run a sweep's best configs with fresh seeds as a child sweep; export then prefers their means."""
     from .confirm import run_confirm
 
-    if mode not in (None, "max", "min"):
-        raise BadInput(f"--mode: must be max or min, got {mode!r}")
+    _check_mode(mode)
     raise typer.Exit(run_confirm(name, top=top, seeds=seeds, per=per, objective=objective, mode=mode,
                                  mlflow_uri=mlflow, storage=storage, max_concurrent=max_concurrent, address=address,
-                                 echo=lambda text: Console().print(text, highlight=False, soft_wrap=True)))
+                                 echo=_rich_echo))
 
 
 def main() -> None:
