@@ -142,4 +142,5 @@ def experiment(config: dict, device, **run_options) -> dict:
                      config["train"], evaluate, classifier=model, drop_last=True)
     if not (run.fit(pretrain) and run.fit(probe_phase(config, model, data))):
         return run.summary()
-    return run.finish(model, data.x_test, data.y_test, knn_acc=knn_accuracy(model, data))
+    # the probe leaves the encoder as pretraining's last epoch left it, so its kNN accuracy is that epoch's
+    return run.finish(model, data.x_test, data.y_test, knn_acc=run.summary()["pretrain/knn_acc"])
