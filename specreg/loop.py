@@ -8,7 +8,6 @@ are counted across phases, so a checkpoint names one point of the whole experime
 The data lives on the training device; per-batch sums stay there and are read once per epoch.
 """
 import ctypes
-import ctypes.util
 import math
 import os
 import random
@@ -59,8 +58,7 @@ def keep_freed_memory() -> None:
     library does this without LD_PRELOAD (jemalloc, tcmalloc), so it is two `mallopt` calls: buffers up
     to 32 MiB come from the heap, and up to 1 GiB of free heap is kept. Elsewhere than glibc: nothing.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is not None:
         mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
         mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its largest allowed value)
