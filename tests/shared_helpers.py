@@ -1,6 +1,9 @@
 """Pieces of the platform and reliability tests that both folders use: the `specreg` command in this
-process, YAML files, free ports and MLflow SQLite stores. (tests/ is on sys.path through tests/conftest.py.)"""
+process, YAML files, free ports, MLflow SQLite stores and the wait for an `mlflow server`. (tests/ is on sys.path through tests/conftest.py.)"""
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -32,3 +35,18 @@ def sqlite_uri(folder: Path) -> str:
     uri = f"sqlite:///{folder / 'mlruns.db'}"
     MlflowClient(uri).search_experiments()
     return uri
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Wait until the `mlflow server` process `server` answers `url`/health; it must not exit meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer /health within {timeout} s")

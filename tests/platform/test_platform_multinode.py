@@ -1,8 +1,6 @@
 """A sweep on a Ray cluster of two worker nodes, logging to a real `mlflow server` on 127.0.0.1."""
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import ray
@@ -12,22 +10,9 @@ from ray.cluster_utils import Cluster
 from specreg_platform import results
 
 from platform_helpers import cli, tiny_space, write_yaml
-from shared_helpers import free_port
+from shared_helpers import free_port, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "mlflow server exited"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer /health within {timeout} s")
 
 
 @pytest.fixture
@@ -62,7 +47,7 @@ def two_worker_cluster():
 def test_trials_run_on_both_workers_and_every_run_reaches_the_server(tmp_path, tracking_server,
                                                                      two_worker_cluster):
     uri, server = tracking_server
-    _wait_healthy(uri, server)
+    wait_healthy(uri, server, timeout=180)
     space = write_yaml(tmp_path / "multinode.yaml", tiny_space("multinode", samples=2))
     result = cli("sweep", space, "--mlflow", uri, "--storage", tmp_path / "runs", "--max-concurrent", "2")
     assert result.exit_code == 0, result.output

@@ -5,13 +5,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
 from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_group, write_yaml
-from shared_helpers import free_port
+from shared_helpers import free_port, wait_healthy
 
 
 def test_unreachable_server_at_start_fails_before_any_trial_naming_the_uri(tmp_path, monkeypatch):
@@ -31,18 +30,12 @@ def _start_server(folder, port) -> subprocess.Popen:
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        assert server.poll() is None, "mlflow server exited"
-        time.sleep(0.5)
-    kill_group(server)
-    raise AssertionError("mlflow server did not answer /health within 90 s")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server, timeout=90)
+    except BaseException:
+        kill_group(server)
+        raise
+    return server
 
 
 @pytest.mark.integration
