@@ -73,11 +73,6 @@ def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict:
     return samples
 
 
-def quartiles(values):
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return q1, median, q3
-
-
 def machine() -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
@@ -138,7 +133,7 @@ def main():
              "| configuration | median step time (ms) | ratio to none: median [IQR] | target |",
              "| --- | --- | --- | --- |"]
     for name, times in samples.items():
-        q1, ratio, q3 = quartiles([t / base for t, base in zip(times, samples["none"])])
+        q1, ratio, q3 = statistics.quantiles([t / base for t, base in zip(times, samples["none"])], n=4)
         lines.append(f"| {name} | {statistics.median(times) * 1e3:.1f} | {ratio:.3f} [{q1:.3f}, {q3:.3f}] "
                      f"| {targets[name]} |")
     lines += allocator_part(args.allocator_rounds, args.threads)
