@@ -23,7 +23,7 @@ import numpy as np
 from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
 from .confirm import confirmations, parent_space
 from .errors import BadInput
-from .space import SweepSpec, flatten
+from .space import SweepSpec, encode, flatten
 
 EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
 MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best
@@ -374,16 +374,11 @@ def array_figures(data: SweepData, best: dict) -> list[Block]:
     return blocks
 
 
-def _encode(value):
-    """A searched value as Optuna stored it (lists and mappings as JSON text)."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
 def _distribution(param):
     from optuna import distributions
 
     if param.finite:
-        return distributions.CategoricalDistribution([_encode(v) for v in param.values])
+        return distributions.CategoricalDistribution([encode(v) for v in param.values])
     low, high = param.values
     if param.kind == "int":
         return distributions.IntDistribution(low, high)
@@ -401,7 +396,7 @@ def fanova(data: SweepData) -> dict[str, float] | str:
     for record in data.records:
         value = record.metrics.get(objective["metric"], math.nan)
         if math.isfinite(value):
-            params = {k: _encode(v) for k, v in record.searched.items() if k in space}
+            params = {k: encode(v) for k, v in record.searched.items() if k in space}
             trials.append(optuna.trial.create_trial(params=params, distributions={k: space[k] for k in params},
                                                     value=value))
     shared = set.intersection(*(set(t.params) for t in trials)) if trials else set()

@@ -84,8 +84,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _primitive(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
+def encode(value):
+    """A searched value as Optuna takes it: scalars as they are, lists and mappings as JSON text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
 
 class Param(Strict):
@@ -137,7 +138,7 @@ class Param(Strict):
 
     def _encoded(self) -> list:
         """Optuna takes only scalars as categories: lists and mappings travel as JSON text."""
-        return [v if _primitive(v) else json.dumps(v) for v in self.values]
+        return [encode(v) for v in self.values]
 
     def decode(self, raw):
         """A suggested value back in its config form."""
