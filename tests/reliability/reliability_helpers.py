@@ -66,12 +66,33 @@ def specreg_process(*args, cwd, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
-def kill_group(process) -> None:
-    """SIGKILL a process started in its own session and everything it started (its Ray, a server)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def session_members(session: int) -> list[int]:
+    """The live processes whose session id is `session` (from /proc: Linux only, as are these tests)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # after the ")" that ends the command name: state, ppid, pgrp, session, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:  # a zombie is dead already
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_session(process) -> None:
+    """SIGKILL a process started in its own session and everything it started, as a power cut would.
+
+    The whole session, not the process group: Ray's workers put themselves in process groups of their
+    own, and a killpg that missed them let a trial go on writing to MLflow after its "machine" died."""
+    for _ in range(20):  # again until none is left: Ray may start a worker while we kill
+        members = session_members(process.pid)
+        if not members:
+            break
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     process.wait(timeout=30)
 
 

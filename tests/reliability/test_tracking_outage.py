@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_group, write_yaml
+from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_session, write_yaml
 from shared_helpers import free_port, wait_healthy
 
 
@@ -33,7 +33,7 @@ def _start_server(folder, port) -> subprocess.Popen:
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server, timeout=90)
     except BaseException:
-        kill_group(server)
+        kill_session(server)
         raise
     return server
 
@@ -57,11 +57,11 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
                     runs = mlflow.search_runs([experiment.experiment_id],
                                               "tags.`specreg.role` = 'trial' and attributes.status = 'RUNNING'")
                     if len(runs) == 2:
-                        kill_group(server)
+                        kill_session(server)
                         killed.set()
                 time.sleep(0.3)
         except Exception:  # noqa: BLE001 - the server went away under the poll: kill it for sure
-            kill_group(server)
+            kill_session(server)
             killed.set()
 
     space = grid_space("outage-mid", "train.lr", [0.05, 0.1])
@@ -74,7 +74,7 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
     finally:
         killed.set()
         watcher.join(timeout=30)
-        kill_group(server)
+        kill_session(server)
     assert result.exit_code == 1, result.output
     assert "specreg sync outage-mid" in result.output, result.output
     offline = tmp_path / "runs" / "outage-mid" / "offline"
@@ -98,4 +98,4 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
         assert parent.info.status == "FINISHED"
         assert not list(offline.glob("*.jsonl"))
     finally:
-        kill_group(server)
+        kill_session(server)
