@@ -45,8 +45,11 @@ def make_step(kind: str, every: int, setup=SLP):
     state = {"step": 0}
 
     def step():
+        penalized = kind != "none" and state["step"] % every == 0
+        if penalized:  # the training loop's order: arm, forward, penalty
+            reg.arm()
         loss = F.cross_entropy(model(x), y)
-        if kind != "none" and state["step"] % every == 0:
+        if penalized:
             loss = loss + reg.penalty(model, (x, y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -242,10 +242,13 @@ class Run:
             seen, penalty_steps = 0, 0
             for xb, yb in data_mod.batches(phase.x, phase.y, phase.train["batch_size"], drop_last=phase.drop_last,
                                            generator=self.batch_generator, augment=phase.augment):
+                penalized = regularized and self.active and step % every == 0
+                if penalized:
+                    reg.arm()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     loss, correct = phase.loss(xb, yb)
                 total = loss
-                if regularized and self.active and step % every == 0:
+                if penalized:
                     penalty = reg.penalty(phase.classifier, (xb, yb))
                     total = loss + penalty
                     penalty_sum += penalty.detach()

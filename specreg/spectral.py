@@ -18,6 +18,7 @@ The differentiable value is σ = |uᴴ A v| with the unit vectors u, v detached 
 matrix, so dσ²/dW = 2σ u vᵀ).
 """
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ class _MatrixSigma(torch.autograd.Function):
 
     The power step already gives σ (= ‖Wᵀu‖ after a step, ‖Wv‖ without one), so autograd through
     uᵀ W v would read W a third time and build its gradient through a batched product; this costs only
-    the rank-one outer product (hand-written because it is the penalty's hot path at every=1).
+    the rank-one outer product. (In training, an nn.Linear's σ comes from _LinearWithSigma instead.)
     """
 
     @staticmethod
@@ -103,6 +104,45 @@ class _MatrixSigma(torch.autograd.Function):
     def backward(ctx, grad):
         u, v = ctx.saved_tensors
         return torch.outer(grad * u.flatten(), v.flatten()).view(ctx.shape), None, None, None
+
+
+class _LinearWithSigma(torch.autograd.Function):
+    """An nn.Linear's output and σ (of a power step just taken) as two outputs of one autograd node.
+
+    The backward adds the penalty's rank-one term g_σ·u vᵀ in place into the weight gradient it
+    computes anyway; as a separate node, autograd would write that term out as a dense matrix and add
+    it to the layer's own weight gradient out of place (three passes over W). Hand-written because no
+    torch op fuses the two; it is the penalty's hot path at every=1.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sigma, u, v):
+        ctx.save_for_backward(x, weight, u, v)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias), sigma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_sigma):
+        x, weight, u, v = ctx.saved_tensors
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_rows.t() @ x.reshape(-1, x.shape[-1])
+        grad_weight.addr_(u, v, alpha=grad_sigma)
+        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _linear_forward(layer, x):
+    """nn.Linear.forward for a layer whose norm was fused into it (OperatorNorm.fuse): a forward
+    after `arm()` also takes the power step and yields σ (kept as `norm.fused_sigma`)."""
+    norm = layer.fused_norm
+    if not (norm.armed and torch.is_grad_enabled() and x.dtype == layer.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)):
+        return F.linear(x, layer.weight, layer.bias)
+    norm.armed = False
+    u, v, sigma, _ = norm.iterate(layer.weight.detach())
+    y, norm.fused_sigma = _LinearWithSigma.apply(x, layer.weight, layer.bias, sigma[0], u.view(-1), v.view(-1))
+    return y
 
 
 class OperatorNorm(nn.Module):
@@ -132,6 +172,7 @@ class OperatorNorm(nn.Module):
         v = torch.randn(v_shape, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("v", _unit(v)[0].to(weight.device))
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
+        self.armed, self.fused_sigma = False, None
 
     def extra_repr(self):
         return f"kind={self.kind}, n_power_iterations={self.n_power_iterations}"
@@ -179,25 +220,48 @@ class OperatorNorm(nn.Module):
             return self._conv(v, w)
         return (self._blocks(w, self._phases(w.device)[p]) @ v[p][..., None]).sum(0)
 
+    def iterate(self, w, update=True, converge=False):
+        """Power steps on the (float32, detached) weight w from the warm state: `n_power_iterations`
+        (update=True), none (False), or as many as convergence needs (converge=True, and on the first
+        call). Returns u, v, the per-block σ and the top block's index."""
+        with torch.no_grad():
+            v = self.v.to(w.device, torch.float32)
+            v = torch.view_as_complex(v) if self.kind == "fft" else v
+            converge = converge or not bool(self.initialized)
+            steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
+            u, v, sigma = _power(*self._operator(w), v, steps, converge=converge)
+            if steps:
+                self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
+                self.initialized.fill_(True)
+            return u, v, sigma, sigma.argmax()
+
     def forward(self, update=True, converge=False):
-        """σ_max after `n_power_iterations` warm steps (update=True), none (False), or, with converge=True,
-        as many as convergence needs (as on the first, cold call), starting from the warm state."""
+        """σ_max, differentiable in the layer's weight, after `iterate`'s power steps."""
         weight = self.layer.weight
         with torch.autocast(weight.device.type, enabled=False):
             w = weight.float()
-            with torch.no_grad():
-                v = self.v.to(w.device, torch.float32)
-                v = torch.view_as_complex(v) if self.kind == "fft" else v
-                converge = converge or not bool(self.initialized)
-                steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
-                u, v, sigma = _power(*self._operator(w.detach()), v, steps, converge=converge)
-                if steps:
-                    self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
-                    self.initialized.fill_(True)
-                p = sigma.argmax()
+            u, v, sigma, p = self.iterate(w.detach(), update, converge)
             if self.kind == "matrix":
                 return _MatrixSigma.apply(w, sigma[p], u[p], v[p])
             return torch.vdot(u[p].flatten(), self._block_matvec(w, v, p).flatten()).abs()
+
+    def fuse(self):
+        """Let the layer (an nn.Linear) take this norm's power step inside its own forward pass after
+        `arm()`, so that σ's gradient joins the layer's weight gradient (see _LinearWithSigma)."""
+        if not isinstance(self.layer, nn.Linear):
+            raise TypeError(f"only an nn.Linear can fuse its norm, got {type(self.layer).__name__}")
+        object.__setattr__(self.layer, "fused_norm", self)  # not a submodule: no state of the layer's
+        self.layer.forward = types.MethodType(_linear_forward, self.layer)  # deepcopy rebinds it to the copy
+        return self
+
+    def arm(self):
+        """The layer's next forward pass with gradients on (float32, no autocast) takes the power step."""
+        self.armed, self.fused_sigma = True, None
+
+    def take(self, update=True):
+        """σ from the armed forward pass if it took the power step, else from `forward(update)`."""
+        sigma, self.armed, self.fused_sigma = self.fused_sigma, False, None
+        return self(update) if sigma is None else sigma
 
 
 def operator_norm(layer, input_shape=None, mode="exact"):

@@ -48,6 +48,96 @@ def test_rep_spectral_gradient_is_two_sigma_u_v():
     assert model.head.weight.grad is None
 
 
+def _dense_penalty_gradient(layer, strength):
+    """λ·2σ u vᵀ and λσ² from the dense SVD of the layer's weight."""
+    u, s, vh = torch.linalg.svd(layer.weight.detach().double())
+    return strength * 2 * s[0] * torch.outer(u[:, 0], vh[0]), strength * s[0].item() ** 2
+
+
+def test_armed_forward_gives_the_dense_svd_penalty_and_gradient_added_to_the_loss_gradient():
+    """After arm(), the Linear layers take the power step in their own forward pass (one autograd node
+    for output and σ); the total gradient must still be the loss's plus λ·2σ u vᵀ of the dense SVD."""
+    model = mlp(activation="gelu")
+    reg = regularizers.build({"kind": "all-layer-spectral", "strength": 0.05}).attach(model)
+    reg.penalty(model)  # converges the warm state; one more power step then moves σ by < 1e-6
+    x, y = torch.rand(7, 1, 4, 4), torch.randint(0, 5, (7,))
+    loss_only = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    reg.arm()
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert all(norm.fused_sigma is not None for norm in reg.norms)  # the armed forward took the step
+    penalty = reg.penalty(model)
+    expected = {}
+    for name in reg.layer_names:
+        layer = dict(model.named_modules())[name]
+        expected[layer.weight], value = _dense_penalty_gradient(layer, 0.05)
+        expected.setdefault("penalty", 0.0)
+        expected["penalty"] += value
+    assert penalty.item() == pytest.approx(expected["penalty"], rel=1e-5)
+    grads = torch.autograd.grad(loss + penalty, list(model.parameters()))
+    for param, base, got in zip(model.parameters(), loss_only, grads):
+        want = base.double() + expected.get(param, 0.0)
+        assert torch.allclose(got.double(), want, atol=1e-6, rtol=1e-4), (param.shape, (got - want).abs().max())
+
+
+def test_armed_penalty_alone_backpropagates_two_sigma_u_v():
+    model = mlp()
+    reg = build(model, kind="rep-spectral", placement="upto:1", strength=0.5)
+    reg.penalty(model)
+    reg.arm()
+    model(torch.rand(3, 1, 4, 4))
+    reg.penalty(model).backward()
+    layer = model.features[2]
+    expected, _ = _dense_penalty_gradient(layer, 0.5)
+    assert torch.allclose(layer.weight.grad.double(), expected, atol=1e-5)
+    assert layer.bias.grad is None or not layer.bias.grad.any()
+
+
+def test_armed_linear_on_any_batch_shape_matches_f_linear_and_its_gradients():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    reg = regularizers.build({"kind": "all-layer-spectral", "strength": 0.3}).attach(
+        models.Classifier(nn.Identity(), layer, (6,)))
+    reg.penalty(None)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    want_y = nn.functional.linear(x, layer.weight, layer.bias)
+    want = list(torch.autograd.grad(want_y.square().sum(), [x, layer.weight, layer.bias]))
+    want[1] = want[1] + _dense_penalty_gradient(layer, 0.3)[0].float()
+    reg.arm()
+    y = layer(x)
+    assert reg.norms[0].fused_sigma is not None
+    got = torch.autograd.grad(y.square().sum() + reg.penalty(None), [x, layer.weight, layer.bias])
+    assert torch.allclose(y, want_y, atol=1e-6)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_arming_is_one_forward_and_skipped_without_gradients():
+    model = mlp()
+    reg = build(model, kind="rep-spectral", placement="upto:1")
+    norm = reg.norms[0]
+    reg.arm()
+    with torch.no_grad():
+        model(torch.rand(2, 1, 4, 4))
+    assert norm.armed and norm.fused_sigma is None  # no graph to carry σ: penalty() takes the step itself
+    assert reg.penalty(model).item() == pytest.approx(dense_sigma(model.features[2]) ** 2, rel=1e-4)
+    assert not norm.armed
+    model(torch.rand(2, 1, 4, 4))
+    assert norm.fused_sigma is None  # not armed: a plain forward
+
+
+def test_a_deep_copy_of_a_fused_model_runs_on_its_own_weights():
+    import copy
+    model = mlp()
+    build(model, kind="rep-spectral", placement="upto:1")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.features[2].weight.mul_(2)
+    x = torch.rand(3, 1, 4, 4)
+    assert twin.features[2].fused_norm.layer is twin.features[2]
+    assert torch.allclose(twin.features[:3](x), nn.functional.linear(
+        model.features[:2](x), twin.features[2].weight, twin.features[2].bias))
+
+
 def test_all_layer_spectral_includes_the_readout():
     model = mlp()
     reg = regularizers.build({"kind": "all-layer-spectral", "strength": 1.0}).attach(model)
