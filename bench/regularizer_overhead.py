@@ -3,8 +3,8 @@
 1. SLP-2000 (784→2000 GELU→10), batch 1024: `none` vs `rep-spectral` at every=1 and every=24, in one
    process with the allocator setting training uses (`specreg.loop.keep_freed_memory`). The
    configurations are interleaved round by round so that machine noise hits them alike.
-2. Allocator: the step of a small-batch MLP (digits-sized input, 3×1024 GELU, batch 32, as in the
-   sweep benchmark) with glibc's default malloc settings against `keep_freed_memory`, in child
+2. Allocator: the SLP's step and a small-batch MLP's (digits-sized input, 3×1024 GELU, batch 32, as in
+   the sweep benchmark) with glibc's default malloc settings against `keep_freed_memory`, in child
    processes that alternate (the setting is process-wide).
 3. ResNet-18 convs (circular padding, 32×32): see bench/conv_norm.py (warm-started exact norm vs a
    per-frequency decomposition), which writes docs/benchmarks_conv.md.
@@ -81,12 +81,16 @@ def machine() -> str:
 
 
 def allocator_child(mode: str) -> None:
-    """Print the median step times (s) of the small MLP, none and rep-spectral every=1, under `mode`."""
+    """Print the median step times (s) of the SLP and the small MLP, none and rep-spectral every=1,
+    under `mode`."""
     if mode == "keep-freed":
         keep_freed_memory()
-    steps = {"none": make_step("none", 1, SMALL_MLP), "rep-spectral every=1": make_step("rep-spectral", 1, SMALL_MLP)}
-    samples = time_interleaved(steps, rounds=10, per_round=40)
-    print(json.dumps({name: statistics.median(times) for name, times in samples.items()}))
+    medians = {}
+    for label, setup, per_round in (("SLP-2000, batch 1024", SLP, 10), ("MLP 3x1024, batch 32", SMALL_MLP, 40)):
+        steps = {f"{label}, {kind}": make_step(kind, 1, setup) for kind in ("none", "rep-spectral")}
+        samples = time_interleaved(steps, rounds=8, per_round=per_round)
+        medians.update({name: statistics.median(times) for name, times in samples.items()})
+    print(json.dumps(medians))
 
 
 def allocator_part(rounds: int, threads: int) -> list[str]:
@@ -99,10 +103,10 @@ def allocator_part(rounds: int, threads: int) -> list[str]:
                                  capture_output=True, text=True, check=True).stdout
             results[mode].append(json.loads(out.splitlines()[-1]))
     lines = ["", "## Allocator: freed memory kept for reuse (`specreg.loop.keep_freed_memory`)", "",
-             f"MLP 64→1024→1024→1024→10 (GELU), batch 32, SGD with momentum; {rounds} child processes per "
-             "setting, alternating, each the median of 10 rounds of 40 steps; the table gives the median "
-             "over processes.", "",
-             "| configuration | glibc default (ms) | keep freed (ms) | speed-up |", "| --- | --- | --- | --- |"]
+             f"The SLP above, and an MLP 64→1024→1024→1024→10 (GELU) at batch 32 as in the sweep benchmark; "
+             f"rep-spectral at every=1. {rounds} child processes per setting, alternating, each the median of "
+             "8 rounds; the table gives the median over processes.", "",
+             "| step | glibc default (ms) | keep freed (ms) | speed-up |", "| --- | --- | --- | --- |"]
     for name in results["keep-freed"][0]:
         default = statistics.median(r[name] for r in results["glibc default"])
         kept = statistics.median(r[name] for r in results["keep-freed"])
