@@ -173,6 +173,7 @@ class OperatorNorm(nn.Module):
         self.register_buffer("v", _unit(v)[0].to(weight.device))
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
         self.armed, self.fused_sigma = False, None
+        self.warm = False  # the host's copy of `initialized`: reading the buffer syncs a GPU each step
 
     def extra_repr(self):
         return f"kind={self.kind}, n_power_iterations={self.n_power_iterations}"
@@ -227,13 +228,18 @@ class OperatorNorm(nn.Module):
         with torch.no_grad():
             v = self.v.to(w.device, torch.float32)
             v = torch.view_as_complex(v) if self.kind == "fft" else v
-            converge = converge or not bool(self.initialized)
+            converge = converge or not self.warm
             steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
             u, v, sigma = _power(*self._operator(w), v, steps, converge=converge)
             if steps:
                 self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
                 self.initialized.fill_(True)
+                self.warm = True
             return u, v, sigma, sigma.argmax()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.warm = bool(self.initialized)  # once per load, not per step
 
     def forward(self, update=True, converge=False):
         """σ_max, differentiable in the layer's weight, after `iterate`'s power steps."""

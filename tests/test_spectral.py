@@ -146,6 +146,8 @@ def test_warm_state_tracks_the_weights_and_survives_a_state_dict_round_trip(padd
     fresh.load_state_dict(state)
     assert fresh(update=False).item() == norm(update=False).item()
     torch.testing.assert_close(fresh.v, norm.v)
+    fresh.load_state_dict(OperatorNorm(layer, shape, seed=8).state_dict())  # a cold state: converge again
+    assert fresh().item() == pytest.approx(dense_sigma(layer, shape), rel=RTOL)
 
 
 def test_update_false_and_zero_steps_leave_the_state_alone():
