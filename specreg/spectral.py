@@ -126,9 +126,11 @@ class _LinearWithSigma(torch.autograd.Function):
         x, weight, u, v = ctx.saved_tensors
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_rows.t() @ x.reshape(-1, x.shape[-1])
-        grad_weight.addr_(u, v, alpha=grad_sigma)
-        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_rows.t() @ x.reshape(-1, x.shape[-1])
+            grad_weight.addr_(u * grad_sigma, v)  # not alpha=grad_sigma: a tensor alpha would sync a GPU
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
 

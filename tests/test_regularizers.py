@@ -111,6 +111,17 @@ def test_armed_linear_on_any_batch_shape_matches_f_linear_and_its_gradients():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_armed_linear_with_a_frozen_weight_still_gives_the_input_gradient():
+    model = mlp()
+    reg = build(model, kind="rep-spectral", placement="upto:1")
+    model.features[2].requires_grad_(False)
+    x = torch.rand(3, 1, 4, 4, requires_grad=True)
+    want, = torch.autograd.grad(model(x).square().sum(), x)
+    reg.arm()
+    got, = torch.autograd.grad(model(x).square().sum() + reg.penalty(model), x)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_arming_is_one_forward_and_skipped_without_gradients():
     model = mlp()
     reg = build(model, kind="rep-spectral", placement="upto:1")
