@@ -18,7 +18,6 @@ The differentiable value is σ = |uᴴ A v| with the unit vectors u, v detached 
 matrix, so dσ²/dW = 2σ u vᵀ).
 """
 import math
-import types
 
 import torch
 import torch.nn.functional as F
@@ -134,17 +133,23 @@ class _LinearWithSigma(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _linear_forward(layer, x):
-    """nn.Linear.forward for a layer whose norm was fused into it (OperatorNorm.fuse): a forward
-    after `arm()` also takes the power step and yields σ (kept as `norm.fused_sigma`)."""
-    norm = layer.fused_norm
-    if not (norm.armed and torch.is_grad_enabled() and x.dtype == layer.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
-        return F.linear(x, layer.weight, layer.bias)
-    norm.armed = False
-    u, v, sigma, _ = norm.iterate(layer.weight.detach())
-    y, norm.fused_sigma = _LinearWithSigma.apply(x, layer.weight, layer.bias, sigma[0], u.view(-1), v.view(-1))
-    return y
+class _FusedForward:
+    """The forward of an nn.Linear whose norm was fused into it (OperatorNorm.fuse): a forward after
+    `arm()` also takes the power step and yields σ (kept as `norm.fused_sigma`). A class, not a bound
+    function, so that a fused model still pickles and deep-copies (onto the copy's own layer)."""
+
+    def __init__(self, norm):
+        self.norm = norm
+
+    def __call__(self, x):
+        norm, layer = self.norm, self.norm.layer
+        if not (norm.armed and torch.is_grad_enabled() and x.dtype == layer.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type)):
+            return F.linear(x, layer.weight, layer.bias)
+        norm.armed = False
+        u, v, sigma, _ = norm.iterate(layer.weight.detach())
+        y, norm.fused_sigma = _LinearWithSigma.apply(x, layer.weight, layer.bias, sigma[0], u.view(-1), v.view(-1))
+        return y
 
 
 class OperatorNorm(nn.Module):
@@ -258,8 +263,7 @@ class OperatorNorm(nn.Module):
         `arm()`, so that σ's gradient joins the layer's weight gradient (see _LinearWithSigma)."""
         if not isinstance(self.layer, nn.Linear):
             raise TypeError(f"only an nn.Linear can fuse its norm, got {type(self.layer).__name__}")
-        object.__setattr__(self.layer, "fused_norm", self)  # not a submodule: no state of the layer's
-        self.layer.forward = types.MethodType(_linear_forward, self.layer)  # deepcopy rebinds it to the copy
+        self.layer.forward = _FusedForward(self)
         return self
 
     def arm(self):

@@ -136,17 +136,23 @@ def test_arming_is_one_forward_and_skipped_without_gradients():
     assert norm.fused_sigma is None  # not armed: a plain forward
 
 
-def test_a_deep_copy_of_a_fused_model_runs_on_its_own_weights():
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fused_model_runs_on_its_own_weights_and_stays_fused(clone):
     import copy
+    import pickle
     model = mlp()
     build(model, kind="rep-spectral", placement="upto:1")
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model) if clone == "deepcopy" else pickle.loads(pickle.dumps(model))
+    layer = twin.features[2]
     with torch.no_grad():
-        twin.features[2].weight.mul_(2)
+        layer.weight.mul_(2)
     x = torch.rand(3, 1, 4, 4)
-    assert twin.features[2].fused_norm.layer is twin.features[2]
-    assert torch.allclose(twin.features[:3](x), nn.functional.linear(
-        model.features[:2](x), twin.features[2].weight, twin.features[2].bias))
+    assert torch.allclose(twin.features[:3](x), nn.functional.linear(model.features[:2](x), layer.weight, layer.bias))
+    norm = layer.forward.norm
+    assert norm.layer is layer
+    norm.arm()
+    twin(x)
+    assert norm.take().item() == pytest.approx(dense_sigma(layer), rel=1e-4)
 
 
 def test_all_layer_spectral_includes_the_readout():
