@@ -374,24 +374,13 @@ def array_figures(data: SweepData, best: dict) -> list[Block]:
     return blocks
 
 
-def _distribution(param):
-    from optuna import distributions
-
-    if param.finite:
-        return distributions.CategoricalDistribution([encode(v) for v in param.values])
-    low, high = param.values
-    if param.kind == "int":
-        return distributions.IntDistribution(low, high)
-    return distributions.FloatDistribution(low, high, log=param.kind == "loguniform")
-
-
 def fanova(data: SweepData) -> dict[str, float] | str:
     """fANOVA importances for the first objective from a study rebuilt from the trials; or why not."""
     import optuna
 
     objective = data.objectives[0]
     spec = SweepSpec.model_validate(parent_space(data.mlflow, data.sweep))
-    space = {k: _distribution(p) for k, p in spec.search.items()}
+    space = {k: p.distribution() for k, p in spec.search.items()}
     trials = []
     for record in data.records:
         value = record.metrics.get(objective["metric"], math.nan)

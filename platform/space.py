@@ -145,6 +145,17 @@ class Param(Strict):
         encoded = self._encoded()
         return self.values[encoded.index(raw)] if isinstance(raw, str) and raw in encoded else raw
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from (for rebuilding a study from finished trials)."""
+        from optuna import distributions
+
+        if self.finite:
+            return distributions.CategoricalDistribution(self._encoded())
+        low, high = self.values
+        if self.kind == "int":
+            return distributions.IntDistribution(low, high)
+        return distributions.FloatDistribution(low, high, log=self.kind == "loguniform")
+
     def suggest(self, trial, name: str):
         if self.finite:
             return trial.suggest_categorical(name, self._encoded())
