@@ -94,8 +94,8 @@ def burnin_sweep(work: Path, shared: bool, label: str) -> dict:
     folder.mkdir()
     load = os.getloadavg()[0]
     wall, _, trials, mlflow = sweep(space, folder, "--max-concurrent", "1")
-    durations = sorted(t.duration_s for t in trials)
-    figures = {"wall_s": wall, "trial_s": sum(durations), "trials": len(trials), "loads": (load, os.getloadavg()[0])}
+    figures = {"wall_s": wall, "trial_s": sum(t.duration_s for t in trials), "trials": len(trials),
+               "loads": (load, os.getloadavg()[0])}
     if shared:
         marks = {t.run_id: mlflow.get_run(t.run_id).data.tags.get("specreg.burnin") for t in trials}
         prefix = round(BURNIN_BASE["regularizer"]["burnin"] * BURNIN_BASE["train"]["epochs"])
@@ -152,10 +152,10 @@ niceness 15, plain processes at 0.
 """
 
 
-def overhead_section(over: dict, loads: tuple) -> str:
+def overhead_section(over: dict) -> str:
     return f"""## Overhead of `specreg sweep` (target: under 15% on trials of at least 20 s)
 
-{measured_on(loads)}
+{measured_on(over['loads'])}
 
 The quickstart's {over['trials']} trials (digits, MLP 1024-1024, 40 epochs, a 200-point tangent attack;
 shared burn-in off) through `specreg sweep --max-concurrent 1`, against the same resolved configs run back
@@ -239,7 +239,7 @@ def write_doc(path: Path, over: dict | None, burn: dict | None) -> None:
     old = path.read_text() if path.is_file() else ""
     text = HEADER + ("\n## " + old.split("\n## ", 1)[1] if "\n## " in old else "")
     if over:
-        text = replace_section(text, "## Overhead of", overhead_section(over, over["loads"]))
+        text = replace_section(text, "## Overhead of", overhead_section(over))
     if burn:
         text = replace_section(text, "## Shared burn-in", burnin_section(burn))
     path.write_text(text)

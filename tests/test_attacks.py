@@ -7,6 +7,7 @@ from torch import nn
 
 from specreg import attacks
 
+from test_data import FASHION_DEBIAN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -266,11 +267,8 @@ def test_digits_mlp_tangent_is_no_worse_than_hsja():
     assert tangent.distances.median() <= 1.1 * hsja.distances.median()
 
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST), reason="needs the dataset-fashion-mnist package")
+@pytest.mark.skipif(not FASHION_DEBIAN.is_dir(), reason="needs the dataset-fashion-mnist package")
 def test_fashion_mnist_slp_has_no_infinite_distance():
     """The case that motivated the start search: on the paper's SLP-2000 much of uniform noise lands in
     one class, so a noise-only start leaves points of that class unattacked (distance inf)."""
