@@ -28,6 +28,11 @@ CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --re
 CACHE_DIR = "burnin-cache"
 
 
+def through_client(address: str | None) -> bool:
+    """Whether `address` joins a cluster through Ray Client (ray://), from a machine outside it."""
+    return bool(address) and address.startswith("ray://")
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at address, or start a new local Ray instance (reused if this process has one).
 
@@ -36,7 +41,7 @@ def connect(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    client = bool(address) and address.startswith("ray://")
+    client = through_client(address)
     if client and importlib.util.find_spec("grpc") is None:
         raise BadInput(f"--address {address}: Ray Client needs Ray's client extra (grpcio): "
                        "pip install 'ray[client]'")
@@ -55,7 +60,7 @@ def connect(address: str | None) -> None:
 def check_client_tracking(address: str | None, uri: str) -> None:
     """Through Ray Client to another machine, trials run and log on the cluster's nodes, which cannot see a
     SQLite store on this one (they would each write a store of their own at that path)."""
-    if not address or not address.startswith("ray://") or tracking.sqlite_path(uri) is None:
+    if not through_client(address) or tracking.sqlite_path(uri) is None:
         return
     if urllib.parse.urlsplit(address).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise BadInput(f"--mlflow: the trials of a sweep joined through {address} log from the cluster, which "
