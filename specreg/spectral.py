@@ -270,10 +270,10 @@ class OperatorNorm(nn.Module):
         """The layer's next forward pass with gradients on (float32, no autocast) takes the power step."""
         self.armed, self.fused_sigma = True, None
 
-    def take(self, update=True):
-        """σ from the armed forward pass if it took the power step, else from `forward(update)`."""
+    def take(self):
+        """σ from the armed forward pass if it took the power step, else from `forward()`."""
         sigma, self.armed, self.fused_sigma = self.fused_sigma, False, None
-        return self(update) if sigma is None else sigma
+        return self() if sigma is None else sigma
 
 
 def operator_norm(layer, input_shape=None, mode="exact"):
