@@ -59,14 +59,14 @@ def _power(matvec, rmatvec, v, steps, converge=False):
     return u, v, sigma
 
 
-def _axis_phases(n_freq, size, k, stride, pad, device):
+def _axis_phases(n_freq, size, k, stride, pad):
     """(n_freq, k, phases): the factor tap a contributes to stride phase r at frequency f on one axis.
 
     Only phases that some tap lands in are kept (their input columns would be zero: σ is unchanged).
     """
-    offset = torch.arange(k, device=device) - pad
+    offset = torch.arange(k) - pad
     shift = offset.div(stride, rounding_mode="floor")  # the tap's position on the subsampled grid
-    angle = (-2 * math.pi / size) * (torch.arange(n_freq, device=device)[:, None] * shift)
+    angle = (-2 * math.pi / size) * (torch.arange(n_freq)[:, None] * shift)
     phase = F.one_hot(offset % stride, stride)[:, (offset % stride).unique()]
     return torch.polar(torch.ones_like(angle), angle)[:, :, None] * phase
 
@@ -175,7 +175,10 @@ class OperatorNorm(nn.Module):
                 self.kind, v_shape = "spatial", (1, *self.input_shape)
             else:
                 self.kind = "fft"  # v is complex, stored as (real, imag) pairs
-                v_shape = (*self._phases("cpu").shape[:2], layer.in_channels, 2)
+                # fixed by the layer's geometry: built once here, not in each step (whose unique() would
+                # also sync a GPU), and not saved in checkpoints
+                self.register_buffer("phases", self._build_phases().to(weight.device), persistent=False)
+                v_shape = (*self.phases.shape[:2], layer.in_channels, 2)
         v = torch.randn(v_shape, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("v", _unit(v)[0].to(weight.device))
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
@@ -199,11 +202,11 @@ class OperatorNorm(nn.Module):
         _, adjoint = torch.func.vjp(lambda x: self._conv(x, w), torch.zeros(1, *self.input_shape, device=w.device))
         return lambda u: adjoint(u)[0]
 
-    def _phases(self, device):
+    def _build_phases(self):
         """(P, phases, k²) complex: the factor of each kernel tap in each stride phase of each frequency block."""
         (M, N), (kh, kw), (sh, sw), (ph, pw) = self.grid, self.layer.kernel_size, self.layer.stride, self.layer.padding
-        eh = _axis_phases(M, M, kh, sh, ph, device)
-        ew = _axis_phases(N // 2 + 1, N, kw, sw, pw, device)
+        eh = _axis_phases(M, M, kh, sh, ph)
+        ew = _axis_phases(N // 2 + 1, N, kw, sw, pw)
         return torch.einsum("fax,gby->fgxyab", eh, ew).reshape(M * (N // 2 + 1), eh.shape[2] * ew.shape[2], kh * kw)
 
     def _blocks(self, w, phases):
@@ -218,7 +221,7 @@ class OperatorNorm(nn.Module):
         if self.kind == "matrix":  # one block: plain matrix-vector products, 3x faster than a broadcast bmm
             A = w.reshape(w.shape[0], -1)
             return lambda v: (A @ v.view(-1)).view(1, -1), lambda u: (u.view(-1) @ A).view(1, 1, -1)
-        A = self._blocks(w, self._phases(w.device))
+        A = self._blocks(w, self.phases)
         return (lambda v: (A @ v[..., None]).sum(1)[..., 0],
                 lambda u: (u.conj()[:, None, None, :] @ A)[:, :, 0, :].conj())
 
@@ -226,7 +229,7 @@ class OperatorNorm(nn.Module):
         """A v for block p, differentiable in w."""
         if self.kind == "spatial":
             return self._conv(v, w)
-        return (self._blocks(w, self._phases(w.device)[p]) @ v[p][..., None]).sum(0)
+        return (self._blocks(w, self.phases[p]) @ v[p][..., None]).sum(0)
 
     def iterate(self, w, update=True, converge=False):
         """Power steps on the (float32, detached) weight w from the warm state: `n_power_iterations`
@@ -306,7 +309,7 @@ def fit_power_law(eigs, start=10, stop=None, rtol=1e-6):
     if start < 1 or (stop is not None and stop < start):
         raise ValueError(f"fit_power_law needs 1 <= start <= stop, got start={start}, stop={stop}")
     lam = torch.as_tensor(eigs, dtype=torch.float64).flatten().sort(descending=True).values
-    n = torch.arange(1, len(lam) + 1, dtype=torch.float64)
+    n = torch.arange(1, len(lam) + 1, dtype=torch.float64, device=lam.device)
     keep = (n >= start) & (lam > rtol * lam[:1].clamp_min(0))
     if stop is not None:
         keep &= n <= stop
