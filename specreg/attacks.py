@@ -8,7 +8,8 @@ one sample at a time on the host, which is what made robustness sweeps slow.
 
 - `tangent`: Ma et al., "Finding optimal tangent points for reducing distortions of hard-label attacks"
   (NeurIPS 2021): HopSkipJump's boundary-normal estimate, then a step to the optimal tangent point of the
-  hemisphere of radius dist/sqrt(t) centred at the boundary point, then a binary search back.
+  hemisphere of radius dist/sqrt(t) centred at the boundary point (shrunk until the point is adversarial,
+  then bisected toward the largest radius that is), then a binary search back.
 - `hsja`: Chen, Jordan & Wainwright, "HopSkipJumpAttack" (2020), L2 untargeted, geometric step size.
 - `boundary-search`: the starting point, binary-searched toward the input; a cheap baseline.
 
@@ -43,6 +44,13 @@ DEFAULTS = {
 START_KINDS = ("none", "noise", "blend", "nearest", "pool", "misclassified")
 MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
 MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
+# Bisections of the tangent radius between the accepted and the last failed one. Once the tangent point is
+# adversarial its distance to the input is sqrt(dist² − r²), so the largest radius that works is the best
+# step; 3 bisections took tangent ÷ hsja (median, seeds 0-2, 200 points) at 300 / 1000 / 2385 queries
+# from 0.964 / 0.996 / 1.002 to 0.941 / 0.985 / 0.997 on a digits MLP, from 0.995 / 1.007 / 1.010 to
+# 0.988 / 0.989 / 1.008 on a Fashion-MNIST MLP and at 1000 / 2385 from 0.998 / 1.012 to 0.986 / 1.006 on
+# the SLP-2000.
+TANGENT_REFINE = 3
 CPU_BATCH = 256  # on a CPU, chunks whose activations stay in cache ran up to 2.6x faster than 8192 rows
 
 
@@ -190,6 +198,7 @@ def _attack(model, x, y, name, max_queries, seed, opts):
 
     bar = _progress_bar(opts["progress"], n, max_queries)
     scales = _step_scales(name, int(opts["max_shrinks"]))
+    refine = TANGENT_REFINE if name == "tangent" else 0
     if name != "boundary-search":
         for t in range(1, sys.maxsize):
             evals = min(int(opts["init_evals"] * math.sqrt(t)), int(opts["max_evals"]))
@@ -209,7 +218,7 @@ def _attack(model, x, y, name, max_queries, seed, opts):
             else:
                 def propose(rows, size):
                     return _tangent_point(origin[rows], cur[rows], u[rows], size)
-            cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales)
+            cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales, refine)
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
             cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
             dist = _record(adv, best, idx, cur, x0)
@@ -337,7 +346,10 @@ def _estimate_normal(oracle, xb, idx, delta, evals, gen):
     each sample still gets m iid uniform directions (HopSkipJump's estimator), uncorrelated across
     samples, while the generator draws m·d normals instead of k·m·d. The probes are built, queried and
     summed one `batch_size` chunk at a time, so they stay in cache: with s = ±1 the decision and
-    S = the sum of the (clipped) steps, the estimate sum((s − mean s)·step) is sum(s·step) − mean(s)·S."""
+    S = the sum of the (clipped) steps, the estimate sum((s − mean s)·step) is sum(s·step) − mean(s)·S.
+    A chunk's rows belong to consecutive samples, and their sums per sample are one matmul with the
+    chunk's one-hot membership rather than index_add_, whose atomic adds make CUDA results vary from run
+    to run; the matmul is deterministic, and it costs little, as a chunk spans a few samples."""
     k, d = xb.shape
     shared = torch.randn(int(evals.max()), d, generator=gen, device=xb.device)
     shared /= shared.norm(dim=1, keepdim=True)
@@ -345,16 +357,20 @@ def _estimate_normal(oracle, xb, idx, delta, evals, gen):
     flips.mul_(2).sub_(1).mul_(delta[:, None])  # ±delta: the probe radius
     owner = torch.repeat_interleave(torch.arange(k, device=xb.device), evals)
     probe = torch.arange(len(owner), device=xb.device) - (evals.cumsum(0) - evals)[owner]
+    firsts = owner[::oracle.batch_size].tolist() + [k - 1]  # the first sample of each chunk, on the host
     steps, adv_steps = torch.zeros_like(xb), torch.zeros_like(xb)
     hits = torch.zeros(k, device=xb.device)
-    for o, j in zip(owner.split(oracle.batch_size), probe.split(oracle.batch_size)):
+    chunks = zip(owner.split(oracle.batch_size), probe.split(oracle.batch_size), firsts, firsts[1:])
+    for o, j, first, last in chunks:
         base = xb.index_select(0, o)  # index_select: row gathers 4x faster than indexing on CPU
         points = torch.addcmul(base, flips.index_select(0, o), shared.index_select(0, j)).clamp_(0, 1)
-        adv = oracle.adversarial(points, idx.index_select(0, o))
+        adv = oracle.adversarial(points, idx.index_select(0, o)).to(xb.dtype)
         points -= base  # the step actually taken once clipped
-        steps.index_add_(0, o, points)
-        adv_steps.index_add_(0, o, points.mul_(adv[:, None]))
-        hits.index_add_(0, o, adv.to(hits.dtype))
+        member = (o == torch.arange(first, last + 1, device=xb.device)[:, None]).to(xb.dtype)
+        sums = torch.cat([member, member * adv]) @ points
+        steps[first:last + 1] += sums[:len(member)]
+        adv_steps[first:last + 1] += sums[len(member):]
+        hits[first:last + 1] += member @ adv
     mean = 2 * hits / evals - 1
     grad = 2 * adv_steps - steps  # sum(s·step)
     grad -= torch.where(mean.abs() == 1, 0, mean)[:, None] * steps  # baseline unless unanimous
@@ -372,13 +388,15 @@ def _step_scales(name, shrinks):
     return [0.9 ** (2 ** k - 1) for k in range(shrinks + 1)]
 
 
-def _geometric_search(oracle, idx, propose, size, scales):
+def _geometric_search(oracle, idx, propose, size, scales, refine=0):
     """Try each sample's step size times each of `scales` in turn until propose(rows, size) is
-    adversarial; returns (points, found)."""
+    adversarial, then bisect `refine` times between the accepted scale and the failed one before it
+    (samples whose first try succeeded keep it); returns (points, found)."""
     rows = torch.arange(len(idx), device=size.device)
     found = torch.zeros(len(idx), dtype=torch.bool, device=size.device)
+    accepted, failed = torch.zeros_like(size), torch.zeros_like(size)
     out = None
-    for scale in scales:
+    for k, scale in enumerate(scales):
         cand = propose(rows, scale * size[rows]).clamp_(0, 1)
         if out is None:
             out = torch.empty(len(idx), cand.shape[1], device=cand.device)
@@ -386,7 +404,21 @@ def _geometric_search(oracle, idx, propose, size, scales):
         adv, asked = adv[:, 0], asked[:, 0]
         out[rows[adv]] = cand[adv]
         found[rows[adv]] = True
+        accepted[rows[adv]] = scale
+        failed[rows[adv]] = scales[k - 1] if k else 0.0
         rows = rows[asked & ~adv]
+        if len(rows) == 0:
+            break
+    rows = (failed > 0).nonzero().squeeze(1)
+    for _ in range(refine):
+        mid = (accepted[rows] + failed[rows]) / 2
+        cand = propose(rows, mid * size[rows]).clamp_(0, 1)
+        adv, asked = oracle.ask(cand[:, None], idx[rows])
+        adv, asked = adv[:, 0], asked[:, 0]
+        out[rows[adv]] = cand[adv]
+        accepted[rows[adv]] = mid[adv]
+        failed[rows[asked & ~adv]] = mid[asked & ~adv]
+        rows = rows[asked]
         if len(rows) == 0:
             break
     return out, found
