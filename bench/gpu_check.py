@@ -5,6 +5,7 @@ same work run one after another versus at once). Run through bench/gpu_check.sh 
 """
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -15,7 +16,8 @@ import specreg
 from specreg import attacks, models, regularizers
 
 
-def step_time(kind: str, amp: bool, model_spec, shape, batch, rounds=20) -> float:
+def training_step(kind: str, amp: bool, model_spec, shape, batch):
+    """One penalized SGD step on the GPU as the training loop takes it, as a closure."""
     torch.manual_seed(0)
     model = models.build(model_spec, shape, 10).cuda()
     reg = regularizers.build({"kind": kind, "strength": 1e-3, "placement": "feature"}).attach(model)
@@ -31,7 +33,11 @@ def step_time(kind: str, amp: bool, model_spec, shape, batch, rounds=20) -> floa
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return step
 
+
+def step_time(kind: str, amp: bool, model_spec, shape, batch, rounds=20) -> float:
+    step = training_step(kind, amp, model_spec, shape, batch)
     for _ in range(5):
         step()
     times = []
@@ -43,6 +49,31 @@ def step_time(kind: str, amp: bool, model_spec, shape, batch, rounds=20) -> floa
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / 10)
     return statistics.median(times)
+
+
+def profile(step, steps=5) -> str:
+    """Where a step's time goes: the GPU's kernel time per step against the wall time per step (a
+    launch-bound step has much less of the first), and the kernels that take most of it."""
+    from torch.profiler import ProfilerActivity
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / steps / 1e3
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / steps
+    table = events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60)
+    return (f"wall {wall * 1e3:.2f} ms per step (profiled), GPU kernel time {gpu:.2f} ms per step, "
+            f"{launches:.0f} kernel launches per step\n\n{table}")
+
+
+def set_threads(threads: int):
+    torch.set_num_threads(threads)
 
 
 def trial(seed: int) -> float:
@@ -82,18 +113,26 @@ def main():
               f"{int(result.queries.sum())} queries"]
     print(lines[-1], flush=True)
 
+    # Both arms run in spawned worker processes that share the host's cores equally (as Ray's workers
+    # would), so both pay process and CUDA start-up: one worker running the trials in turn, or four at once.
     ctx = mp.get_context("spawn")
-    sequential = time.perf_counter()
-    for seed in range(4):
-        trial(seed)
-    sequential = time.perf_counter() - sequential
-    together = time.perf_counter()
-    with ctx.Pool(4) as pool:
-        pool.map(trial, range(4))
-    together = time.perf_counter() - together
-    lines += ["", f"4 trial processes sharing the GPU: {together:.1f} s at once vs {sequential:.1f} s one after "
-              f"another ({sequential / together:.2f}× throughput)"]
+    threads = max(1, (os.cpu_count() or 4) // 4)
+    timings = {}
+    for workers in (1, 4):
+        start = time.perf_counter()
+        with ctx.Pool(workers, initializer=set_threads, initargs=(threads,)) as pool:
+            per_trial = pool.map(trial, range(4))
+        timings[workers] = (time.perf_counter() - start, per_trial)
+    (one, one_trials), (four, four_trials) = timings[1], timings[4]
+    lines += ["", f"4 trials, {threads} CPU threads per worker: {four:.1f} s in 4 worker processes at once vs "
+              f"{one:.1f} s in 1 worker one after another ({one / four:.2f}× throughput); seconds per trial: "
+              f"{', '.join(f'{t:.1f}' for t in one_trials)} in turn, {', '.join(f'{t:.1f}' for t in four_trials)} at once"]
     print(lines[-1], flush=True)
+    report = profile(training_step("rep-spectral", False, {"name": "resnet18", "padding_mode": "circular"},
+                                   (3, 32, 32), 128))
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "gpu_profile.txt"), "w") as f:
+        f.write("ResNet-18 circular, rep-spectral, batch 128, fp32\n" + report)
+    print(report.splitlines()[0], flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
 
