@@ -221,8 +221,10 @@ def _attack(model, x, y, name, max_queries, seed, opts):
                 def propose(rows, size):
                     return cur[rows] + size[:, None] * u[rows]
             else:
+                frame = _tangent_frame(origin, cur, u)
+
                 def propose(rows, size):
-                    return _tangent_point(origin[rows], cur[rows], u[rows], size)
+                    return _tangent_point(cur[rows], u[rows], [part[rows] for part in frame], size)
             cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales, refine)
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
             cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
@@ -427,19 +429,27 @@ def _geometric_search(oracle, idx, propose, size, scales, refine=0):
     return out, found
 
 
-def _tangent_point(x0, xb, u, radius):
-    """Tangent point, seen from x0, of the hemisphere of `radius` centred at boundary point xb on the
-    side of normal u (Ma et al. 2021, Thm. 1): the point of the ball whose line to x0 is tangent to it,
-    in the plane spanned by x0 − xb and u, as far along u as possible."""
+def _tangent_frame(x0, xb, u):
+    """What the tangent point from x0 to the hemisphere at boundary point xb (normal u) needs that does not
+    depend on the radius, computed once per iteration: the unit direction in the tangent plane toward
+    x0, the distance to x0, and the sine and cosine of x0's elevation below that plane."""
     ox = x0 - xb
     norm = ox.norm(dim=1).clamp(min=1e-12)
     along = (ox * u).sum(1)
-    sin_a = (-along / norm).clamp(-1, 1)  # elevation of x0 below the tangent plane
+    sin_a = (-along / norm).clamp(-1, 1)
     cos_a = (1 - sin_a ** 2).clamp(min=0).sqrt()
+    flat = ox - along[:, None] * u
+    flat /= flat.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return flat, norm, sin_a, cos_a
+
+
+def _tangent_point(xb, u, frame, radius):
+    """Tangent point, seen from x0, of the hemisphere of `radius` centred at boundary point xb on the
+    side of normal u (Ma et al. 2021, Thm. 1): the point of the ball whose line to x0 is tangent to it,
+    in the plane spanned by x0 − xb and u, as far along u as possible. `frame` is _tangent_frame's."""
+    flat, norm, sin_a, cos_a = frame
     cos_b = (radius / norm).clamp(max=1)  # half the angle the ball subtends from x0
     sin_b = (1 - cos_b ** 2).clamp(min=0).sqrt()
     sin_g = sin_b * cos_a - cos_b * sin_a
     cos_g = cos_b * cos_a + sin_b * sin_a
-    flat = ox - along[:, None] * u
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return xb + radius[:, None] * (cos_g[:, None] * flat + sin_g[:, None] * u)
+    return torch.addcmul(xb, (radius * cos_g)[:, None], flat).addcmul_((radius * sin_g)[:, None], u)

@@ -158,6 +158,28 @@ def test_normal_estimate_is_the_direct_formula_whatever_the_chunking():
         assert torch.equal(oracle.queries, evals)
 
 
+def test_tangent_point_touches_the_ball_on_its_upper_side_in_the_plane_of_the_input_and_normal():
+    """Against the definition: k lies on the sphere of radius r about xb, the line from x0 to k is tangent
+    to it ((k − xb) ⊥ (k − x0)), k lies in the plane of x0 − xb and u, and of the two tangent points in
+    that plane it is the one farther along u."""
+    gen = torch.Generator().manual_seed(0)
+    x0, xb = torch.randn(50, 30, generator=gen, dtype=torch.float64), torch.randn(50, 30, generator=gen,
+                                                                                   dtype=torch.float64)
+    u = torch.randn(50, 30, generator=gen, dtype=torch.float64)
+    u /= u.norm(dim=1, keepdim=True)
+    radius = (x0 - xb).norm(dim=1) * torch.rand(50, generator=gen, dtype=torch.float64).clamp(0.05, 0.95)
+    k = attacks._tangent_point(xb, u, attacks._tangent_frame(x0, xb, u), radius)
+    kb, k0 = k - xb, k - x0
+    torch.testing.assert_close(kb.norm(dim=1), radius)
+    torch.testing.assert_close((kb * k0).sum(1), torch.zeros(50, dtype=torch.float64), atol=1e-9, rtol=0)
+    plane = torch.linalg.qr(torch.stack([x0 - xb, u], 2)).Q  # (50, 30, 2) basis of the plane
+    torch.testing.assert_close((plane @ (plane.transpose(1, 2) @ kb[..., None]))[..., 0], kb)
+    # the other tangent point: k's mirror image across the line from xb to x0
+    ox = (x0 - xb) / (x0 - xb).norm(dim=1, keepdim=True)
+    mirror = 2 * (kb * ox).sum(1, keepdim=True) * ox - kb
+    assert ((kb * u).sum(1) >= (mirror * u).sum(1) - 1e-12).all()
+
+
 def test_normal_estimate_finds_the_linear_boundary_normal():
     model, x, y = linear_problem(n=20, d=64)
     oracle = attacks._Oracle(model, (64,), y, 10_000, 256)
