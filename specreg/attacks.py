@@ -46,11 +46,11 @@ MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
 MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
 # Bisections of the tangent radius between the accepted and the last failed one. Once the tangent point is
 # adversarial its distance to the input is sqrt(dist² − r²), so the largest radius that works is the best
-# step. In bench/attacks.py --part budgets (mean over seeds 0-2 of the median on 200 points), 3 bisections
-# took tangent ÷ hsja at 300 / 1000 / 2385 queries from 0.964 / 0.996 / 1.002 to 0.941 / 0.985 / 0.997 on
-# the digits MLP, from 0.995 / 1.007 / 1.010 to 0.988 / 0.991 / 1.005 on the Fashion-MNIST MLP and from
-# 0.997 / 0.998 / 1.012 to 0.973 / 0.984 / 1.004 on the SLP-2000. At 2385 that is a tie: over seeds 0-5
-# the Fashion-MNIST MLP's ratio ranged 0.992-1.010 (mean 1.001); 1 or 2 bisections did no better.
+# step. In bench/attacks.py --part budgets (200 points, seeds 0-2) 3 bisections took tangent ÷ hsja at
+# 300 / 1000 / 2385 queries from 0.964 / 0.996 / 1.002 to 0.941 / 0.985 / 0.997 on the digits MLP, from
+# 0.995 / 1.007 / 1.010 to 0.988 / 0.991 / 1.005 on the Fashion-MNIST MLP and from 0.997 / 0.998 / 1.012
+# to 0.973 / 0.984 / 1.004 on the SLP-2000 (over seeds 0-11 now 0.947-0.979 at 300, 0.985-0.993 at 1000,
+# 0.995-1.004 at 2385). 1 or 2 bisections did no better at 2385.
 TANGENT_REFINE = 3
 # Rows per forward pass on a CPU: chunks whose activations stay in cache ran up to 2.6x faster than 8192
 # rows. With the normal estimate's broadcast probes, 512-row chunks took 0.84-0.93x the time of the earlier
