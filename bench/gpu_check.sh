@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent device machine through the `device` tool (it has torch, torchvision, numpy,
-# scikit-learn, pyarrow, pyyaml, rich, typer; not pydantic or tqdm, which travel as wheels in .whl/):
+# scikit-learn, pyarrow, pyyaml, rich, typer, tqdm, pytest; not pydantic, which travels as wheels in .whl/
+# with a typing-extensions new enough for it):
 #   here:  echo /.whl/ >> .git/info/exclude
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#            --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection tqdm
-#   there: bash bench/gpu_check.sh        (carry: .whl; writes $OUT/gpu_tests.txt and $OUT/gpu_check.md)
+#            --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection typing-extensions
+#   there: bash bench/gpu_check.sh        (carry: .whl; writes gpu_tests.txt, gpu_check.md, gpu_profile.txt to $OUT)
 # The CUDA tests run first; a failure there is reported and becomes the exit status, but the
 # benchmark still runs.
 set -euo pipefail
