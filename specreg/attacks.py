@@ -132,10 +132,6 @@ class _Oracle:
         self.queries.index_add_(0, idx, torch.ones_like(idx))
         return self.predict(rows)
 
-    def adversarial(self, rows, idx):
-        """Whether each of flat rows (n, d) is adversarial for its sample idx (n,); one query each."""
-        return self.labels(rows, idx) != self.y.index_select(0, idx)
-
     def ask(self, points, idx, limit=None):
         """Which of points (k, m, d) are adversarial for samples idx (k,). Row j of sample i is only fed
         when j < limit[i] and the budget allows; returns (adversarial, asked), both (k, m) bools."""
@@ -397,17 +393,24 @@ def _geometric_search(oracle, idx, propose, size, scales, refine=0):
     """Try each sample's step size times each of `scales` in turn until propose(rows, size) is
     adversarial, then bisect `refine` times between the accepted scale and the failed one before it
     (samples whose first try succeeded keep it); returns (points, found)."""
-    rows = torch.arange(len(idx), device=size.device)
-    found = torch.zeros(len(idx), dtype=torch.bool, device=size.device)
-    accepted, failed = torch.zeros_like(size), torch.zeros_like(size)
     out = None
-    for k, scale in enumerate(scales):
+
+    def attempt(rows, scale):
+        """Query propose(rows, scale · size) and keep the adversarial points; returns (adv, asked)."""
+        nonlocal out
         cand = propose(rows, scale * size[rows]).clamp_(0, 1)
         if out is None:
             out = torch.empty(len(idx), cand.shape[1], device=cand.device)
         adv, asked = oracle.ask(cand[:, None], idx[rows])
         adv, asked = adv[:, 0], asked[:, 0]
         out[rows[adv]] = cand[adv]
+        return adv, asked
+
+    rows = torch.arange(len(idx), device=size.device)
+    found = torch.zeros(len(idx), dtype=torch.bool, device=size.device)
+    accepted, failed = torch.zeros_like(size), torch.zeros_like(size)
+    for k, scale in enumerate(scales):
+        adv, asked = attempt(rows, scale)
         found[rows[adv]] = True
         accepted[rows[adv]] = scale
         failed[rows[adv]] = scales[k - 1] if k else 0.0
@@ -416,16 +419,13 @@ def _geometric_search(oracle, idx, propose, size, scales, refine=0):
             break
     rows = (failed > 0).nonzero().squeeze(1)
     for _ in range(refine):
+        if len(rows) == 0:
+            break
         mid = (accepted[rows] + failed[rows]) / 2
-        cand = propose(rows, mid * size[rows]).clamp_(0, 1)
-        adv, asked = oracle.ask(cand[:, None], idx[rows])
-        adv, asked = adv[:, 0], asked[:, 0]
-        out[rows[adv]] = cand[adv]
+        adv, asked = attempt(rows, mid)
         accepted[rows[adv]] = mid[adv]
         failed[rows[asked & ~adv]] = mid[asked & ~adv]
         rows = rows[asked]
-        if len(rows) == 0:
-            break
     return out, found
 
 
