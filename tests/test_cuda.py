@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import specreg
-from specreg import attacks, models, regularizers
+from specreg import attacks, regularizers
 from specreg.spectral import OperatorNorm
 
 from test_attacks import Counting, linear_problem
+from test_regularizers import dense_penalty_gradient, mlp
 from test_spectral import conv_matrix
 
 DEVICE = os.environ.get("SPECREG_TEST_DEVICE", "cuda")
@@ -32,16 +33,9 @@ def dense_matrix(layer, input_shape, weight):
     return weight if input_shape is None else conv_matrix(layer, input_shape, weight)
 
 
-def svd_penalty(weight):
-    """λσ² and its weight gradient λ·2σ u vᵀ from the float64 SVD of `weight`, on the CPU."""
-    u, s, vh = torch.linalg.svd(weight.detach().cpu().double())
-    return STRENGTH * s[0].item() ** 2, STRENGTH * 2 * s[0] * torch.outer(u[:, 0], vh[0])
-
-
 def mlp_on_device(kind):
     """A small GELU MLP on DEVICE with a converged `kind` penalty attached, and a batch for it."""
-    torch.manual_seed(0)
-    model = models.build({"name": "mlp", "widths": [24, 12], "activation": "gelu"}, (1, 4, 4), 5).to(DEVICE)
+    model = mlp(activation="gelu").to(DEVICE)
     reg = regularizers.build({"kind": kind, "strength": STRENGTH}).attach(model)
     reg.penalty(model)  # converges the warm state; one more power step then moves σ by < 1e-6
     x = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -96,11 +90,11 @@ def test_armed_fused_penalty_adds_the_dense_svd_gradient_to_the_loss_gradient(ki
     loss = F.cross_entropy(model(x), y)
     assert all(norm.fused_sigma is not None for norm in reg.norms)  # the armed forward took the step
     penalty = reg.penalty(model)
-    references = {layer.weight: svd_penalty(layer.weight) for layer in placed_layers(model, reg)}
-    assert penalty.item() == pytest.approx(sum(value for value, _ in references.values()), rel=1e-5)
+    references = {layer.weight: dense_penalty_gradient(layer, STRENGTH) for layer in placed_layers(model, reg)}
+    assert penalty.item() == pytest.approx(sum(value for _, value in references.values()), rel=1e-5)
     grads = torch.autograd.grad(loss + penalty, list(model.parameters()))
     for param, base, got in zip(model.parameters(), loss_only, grads):
-        want = base.cpu().double() + (references[param][1] if param in references else 0.0)
+        want = base.cpu().double() + (references[param][0] if param in references else 0.0)
         torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -116,10 +110,10 @@ def test_under_bf16_autocast_the_penalty_is_float32_and_exact():
         penalty = reg.penalty(model)
     assert penalty.dtype == torch.float32
     layers = placed_layers(model, reg)
-    references = [svd_penalty(layer.weight) for layer in layers]
-    assert penalty.item() == pytest.approx(sum(value for value, _ in references), rel=RTOL)
+    references = [dense_penalty_gradient(layer, STRENGTH) for layer in layers]
+    assert penalty.item() == pytest.approx(sum(value for _, value in references), rel=RTOL)
     grads = torch.autograd.grad(penalty, [layer.weight for layer in layers])
-    for got, (_, want) in zip(grads, references):
+    for got, (want, _) in zip(grads, references):
         # Entries are 2λσ·u_i v_j with unit u, v that the float32 power iteration settles to ~1e-5
         # (VECTOR_TOL): on the CPU they miss the SVD's by 3e-5 to 4e-5 of the largest entry. With the
         # power iteration in bf16 (autocast left on) they missed by 5e-3 to 9e-3; 3e-4 lies between.

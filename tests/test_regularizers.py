@@ -48,9 +48,10 @@ def test_rep_spectral_gradient_is_two_sigma_u_v():
     assert model.head.weight.grad is None
 
 
-def _dense_penalty_gradient(layer, strength):
-    """λ·2σ u vᵀ and λσ² from the dense SVD of the layer's weight."""
-    u, s, vh = torch.linalg.svd(layer.weight.detach().double())
+def dense_penalty_gradient(layer, strength):
+    """λ·2σ u vᵀ and λσ² from the float64 dense SVD of the layer's weight, computed on the CPU (the CUDA
+    tests compare against it too)."""
+    u, s, vh = torch.linalg.svd(layer.weight.detach().cpu().double())
     return strength * 2 * s[0] * torch.outer(u[:, 0], vh[0]), strength * s[0].item() ** 2
 
 
@@ -69,7 +70,7 @@ def test_armed_forward_gives_the_dense_svd_penalty_and_gradient_added_to_the_los
     expected = {}
     for name in reg.layer_names:
         layer = dict(model.named_modules())[name]
-        expected[layer.weight], value = _dense_penalty_gradient(layer, 0.05)
+        expected[layer.weight], value = dense_penalty_gradient(layer, 0.05)
         expected.setdefault("penalty", 0.0)
         expected["penalty"] += value
     assert penalty.item() == pytest.approx(expected["penalty"], rel=1e-5)
@@ -87,7 +88,7 @@ def test_armed_penalty_alone_backpropagates_two_sigma_u_v():
     model(torch.rand(3, 1, 4, 4))
     reg.penalty(model).backward()
     layer = model.features[2]
-    expected, _ = _dense_penalty_gradient(layer, 0.5)
+    expected, _ = dense_penalty_gradient(layer, 0.5)
     assert torch.allclose(layer.weight.grad.double(), expected, atol=1e-5)
     assert layer.bias.grad is None or not layer.bias.grad.any()
 
@@ -101,7 +102,7 @@ def test_armed_linear_on_any_batch_shape_matches_f_linear_and_its_gradients():
     x = torch.randn(2, 3, 6, requires_grad=True)
     want_y = nn.functional.linear(x, layer.weight, layer.bias)
     want = list(torch.autograd.grad(want_y.square().sum(), [x, layer.weight, layer.bias]))
-    want[1] = want[1] + _dense_penalty_gradient(layer, 0.3)[0].float()
+    want[1] = want[1] + dense_penalty_gradient(layer, 0.3)[0].float()
     reg.arm()
     y = layer(x)
     assert reg.norms[0].fused_sigma is not None
