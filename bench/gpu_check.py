@@ -73,10 +73,6 @@ def profile(step, steps=5) -> str:
             f"{launches:.0f} kernel launches per step\n\n{table}")
 
 
-def set_threads(threads: int):
-    torch.set_num_threads(threads)
-
-
 def trial(seed: int) -> float:
     start = time.perf_counter()
     specreg.run_experiment({
@@ -123,7 +119,7 @@ def main():
     timings = {}
     for workers in (1, 4):
         start = time.perf_counter()
-        with ctx.Pool(workers, initializer=set_threads, initargs=(threads,)) as pool:
+        with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             per_trial = pool.map(trial, range(4))
         timings[workers] = (time.perf_counter() - start, per_trial)
     (one, one_trials), (four, four_trials) = timings[1], timings[4]
