@@ -200,9 +200,7 @@ def budget_table(benchmarks, points: int, seeds: int, budgets=(300, 1000, 2385))
     lines = ["| model | " + " | ".join(f"{q} queries: hsja / tangent (ratio, per-seed sd)" for q in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for title, model, xt, yt in benchmarks:
-        with torch.no_grad():
-            right = model(xt).argmax(1) == yt
-        x, y = xt[right][:points], yt[right][:points]
+        x, y = correct_points(model, xt, yt, points)
         cells = []
         for q in budgets:
             med = {name: [median(attacks.run(model, x, y, name, q, seed=seed).distances) for seed in range(seeds)]
