@@ -45,7 +45,8 @@ class TrainSpec(Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     seed: int = 0
     device: str = "auto"
-    # bf16 autocast on CUDA. Ignored on a CPU, so that a space written for GPUs also runs where none is.
+    # bf16 autocast on CUDA. Ignored with a warning on a CPU, so that a space written for GPUs also runs
+    # where none is.
     # On an H200 it did not pay for the paper's small models (docs/benchmarks_gpu.md).
     amp: bool = False
 

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -225,6 +226,9 @@ class Run:
             schedule.load_state_dict(self.resumed["schedule"])
             step = self.resumed["step"]
         amp = phase.train["amp"] and self.device.type == "cuda"
+        if phase.train["amp"] and not amp:
+            warnings.warn(f"train.amp is ignored on {self.device.type}: phase {phase.name!r} trains in float32 "
+                          "(bf16 autocast runs on CUDA only)", stacklevel=2)
         prefix = "" if phase.name == SUPERVISED else phase.name + "/"
         regularized = phase.classifier is not None
         phase.trained.train()

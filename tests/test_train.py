@@ -97,3 +97,13 @@ def test_the_attack_block_adds_robustness_metrics():
         assert key in result
     assert 0.0 <= result["adv_acc_eps_1.0"] <= result["adv_acc_eps_0.5"] <= 1.0
     assert result["attack_queries_mean"] <= 300
+
+
+def test_amp_on_a_cpu_warns_and_trains_as_without_it():
+    """train.amp asks for bf16 autocast, which runs on CUDA only: on a CPU the run says so and trains in
+    float32, exactly as with amp off."""
+    plain = specreg.run_experiment(config("rep-spectral", epochs=1))
+    with pytest.warns(UserWarning, match="train.amp is ignored on cpu"):
+        asked = specreg.run_experiment({**config("rep-spectral", epochs=1),
+                                        "train": {**config()["train"], "epochs": 1, "amp": True}})
+    assert asked["history"][-1]["train_loss"] == plain["history"][-1]["train_loss"]
