@@ -50,7 +50,7 @@ MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-
 # 300 / 1000 / 2385 queries from 0.964 / 0.996 / 1.002 to 0.941 / 0.985 / 0.997 on the digits MLP, from
 # 0.995 / 1.007 / 1.010 to 0.988 / 0.991 / 1.005 on the Fashion-MNIST MLP and from 0.997 / 0.998 / 1.012
 # to 0.973 / 0.984 / 1.004 on the SLP-2000 (over seeds 0-11 now 0.947-0.979 at 300, 0.985-0.993 at 1000,
-# 0.995-1.004 at 2385). 1 or 2 bisections did no better at 2385.
+# 0.995-1.004 at 2385). 1, 2, 4, 5 or 6 bisections did no better at 2385 (docs/benchmarks_attacks.md).
 TANGENT_REFINE = 3
 # Rows per forward pass on a CPU: chunks whose activations stay in cache ran up to 2.6x faster than 8192
 # rows. With the normal estimate's broadcast probes, 512-row chunks took 0.84-0.93x the time of the earlier
