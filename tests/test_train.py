@@ -103,7 +103,8 @@ def test_amp_on_a_cpu_warns_and_trains_as_without_it():
     """train.amp asks for bf16 autocast, which runs on CUDA only: on a CPU the run says so and trains in
     float32, exactly as with amp off."""
     plain = specreg.run_experiment(config("rep-spectral", epochs=1))
+    amp = config("rep-spectral", epochs=1)
+    amp["train"]["amp"] = True
     with pytest.warns(UserWarning, match="train.amp is ignored on cpu"):
-        asked = specreg.run_experiment({**config("rep-spectral", epochs=1),
-                                        "train": {**config()["train"], "epochs": 1, "amp": True}})
+        asked = specreg.run_experiment(amp)
     assert asked["history"][-1]["train_loss"] == plain["history"][-1]["train_loss"]
