@@ -57,7 +57,7 @@ def _stop(head: subprocess.Popen, temp_dir: str) -> None:
 def head_node(tmp_path):
     """A Ray head (2 CPUs) in its own process group, with its Ray Client server and its own token; its
     address and token. GRPC_ENABLE_FORK_SUPPORT=0 as cluster.yaml starts heads: with gRPC's fork handlers
-    on, the Ray Client server's fork of a per-client server crashed about 1 time in 7 on a loaded machine
+    on, the Ray Client server's fork of a per-client server crashed in 2 of 11 runs on a loaded machine
     (`ev_epoll1_linux.cc Check failed: next_worker->state == KICKED`, "Starting Ray client server
     failed"); it only forks to exec, which needs no handlers."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
