@@ -15,6 +15,7 @@ from specreg.spectral import OperatorNorm
 
 from test_attacks import Counting, linear_problem
 from test_regularizers import dense_penalty_gradient, mlp
+from test_train import config
 from test_spectral import conv_matrix
 
 DEVICE = os.environ.get("SPECREG_TEST_DEVICE", "cuda")
@@ -164,13 +165,10 @@ def test_run_experiment_end_to_end_on_the_device(amp):
     """Two epochs of rep-spectral training on digits and a small attack, on DEVICE (train.amp: bf16
     autocast, which the loop applies on CUDA only): finite metrics, a penalty taken, and accuracy far
     above chance (0.1; CPU runs of seeds 0-3 reach 0.88-0.92)."""
-    result = specreg.run_experiment({
-        "data": {"name": "digits"},
-        "model": {"name": "mlp", "widths": [48]},
-        "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, "seed": 0, "device": DEVICE, "amp": amp},
-        "regularizer": {"kind": "rep-spectral", "strength": 1e-2},
-        "attack": {"name": "tangent", "samples": 20, "max_queries": 300, "eps": [0.5, 1.0], "start_pool": 100},
-    })
+    cfg = config("rep-spectral", epochs=2)
+    cfg["train"].update(device=DEVICE, amp=amp)
+    cfg["attack"] = {"name": "tangent", "samples": 20, "max_queries": 300, "eps": [0.5, 1.0], "start_pool": 100}
+    result = specreg.run_experiment(cfg)
     for key in ("train_loss", "test_acc", "clean_acc", "reg_penalty", "sigma/features.2", "sigma_sq_sum",
                 "adv_dist_median", "adv_auc", "attack_queries_mean"):
         assert math.isfinite(result[key]), (key, result[key])
