@@ -50,9 +50,19 @@ class Regularizer(nn.Module):
         """Converged σ_max of every feature layer and every placed layer (for logging and Σσ²).
 
         Each call iterates to convergence from the previous call's vectors, which takes few steps when
-        the weights moved by one epoch, where a cold start would take hundreds.
+        the weights moved by one epoch, where a cold start would take hundreds. The layers are read in
+        eval mode, so that a parametrized weight (spectral-norm) does not advance its own power
+        iteration: logging never changes training.
         """
-        return {name: float(monitor(converge=True)) for name, monitor in zip(self._logged, self.monitors)}
+        layers = [monitor.layer for monitor in self.monitors]
+        modes = [(m, m.training) for layer in layers for m in layer.modules()]
+        for layer in layers:
+            layer.eval()
+        try:
+            return {name: float(monitor(converge=True)) for name, monitor in zip(self._logged, self.monitors)}
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 class RepSpectral(Regularizer):
@@ -113,6 +123,8 @@ class SpectralDecay(Regularizer):
 
     The eigenbasis is refreshed once per epoch from a larger sample; each step reads the batch
     eigenvalues as v_nᵀ C_batch v_n, which is cheaper and steadier than a batch eigendecomposition.
+    The penalty follows `eigen_val_regulate` in josuenassar/power_law, ModelDefs/utils.py (lines cited
+    in `penalty`); `tau` is their `start` (`eig_start`), a 0-based index.
     """
 
     def attach(self, model):
@@ -140,8 +152,14 @@ class SpectralDecay(Regularizer):
         model.train(was_training)
         centered = representation - representation.mean(0)
         covariance = centered.T @ centered / (n - 1)
-        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        _, vectors = torch.linalg.eigh(covariance)
+        # Directions past the sample's rank are left out. Theirs are all D eigenvectors (utils.py:176) of the
+        # whole training set (trainers.py:167, 240): far more samples than dimensions, so none lie past it.
         rank = min(n - 1, covariance.shape[0])
+        tau = self.spec.get("tau", 10)
+        if tau + 1 >= rank:
+            raise ValueError(f"spectral-decay: tau={tau} leaves no eigenvalue to regulate: the representation "
+                             f"has rank {rank} on {n} samples (tau is the 0-based index of the anchor)")
         self.basis = vectors.flip(1)[:, :rank].float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -165,14 +183,20 @@ class SpectralDecay(Regularizer):
         z = self._output.flatten(1).float()
         self._output = None
         centered = z - z.mean(0)
-        projected = centered @ self.basis
-        eigenvalues = projected.pow(2).sum(0) / max(len(z) - 1, 1)
-        tau = min(self.spec.get("tau", 10), len(eigenvalues))
-        alpha = self.spec.get("target_exponent", 1.0)
-        n = torch.arange(1, len(eigenvalues) + 1, device=z.device, dtype=z.dtype)
-        target = eigenvalues[tau - 1].detach() * (tau / n) ** alpha
-        ratio = (eigenvalues / target)[tau:] - 1
-        return self.strength * (ratio.pow(2) + ratio.clamp(min=0)).sum() / len(eigenvalues)
+        # utils.py:230-233: the batch covariance (divided by N - 1) read along the basis vectors
+        projected = (centered @ self.basis).pow(2).sum(0) / max(len(z) - 1, 1)
+        eigs = projected.sort(descending=True).values  # utils.py:238: compared by rank, not by basis order
+        tau, alpha = self.spec.get("tau", 10), self.spec.get("target_exponent", 1.0)
+        index = torch.arange(len(eigs), device=z.device, dtype=z.dtype)
+        # utils.py:241-242 and 246: the anchor is eigs[tau] (0-based), held constant; the target at index n
+        # is eigs[tau]·((tau + 1)/(n + 1))^α
+        target = eigs[tau].detach() * ((tau + 1) / (index + 1)) ** alpha
+        # utils.py:244-247: every index after the anchor whose eigenvalue is positive (a zero is skipped,
+        # not divided by; the sort makes the target positive wherever the eigenvalue is)
+        regulated = (index > tau) & (eigs > 0)
+        ratio = torch.where(regulated, eigs / torch.where(regulated, target, 1.0) - 1, 0.0)
+        # utils.py:248: divided by the representation's dimension
+        return self.strength * (ratio.pow(2) + ratio.clamp(min=0)).sum() / z.shape[1]
 
 
 class SpectralNormConstraint(Regularizer):

@@ -185,26 +185,70 @@ def test_activation_term_matches_the_gelu_derivative():
     assert total == pytest.approx(expected, rel=1e-4)
 
 
-def spectral_decay_reference(features, tau, alpha):
-    """The Nassar et al. penalty from a full eigendecomposition of the batch covariance (numpy)."""
-    eig = np.linalg.eigvalsh(np.cov(features.T))[::-1]
-    n = np.arange(1, len(eig) + 1)
-    target = eig[tau - 1] * (tau / n) ** alpha
-    r = (eig / target)[tau:] - 1
-    return float((r ** 2 + np.maximum(r, 0)).sum() / len(eig))
+def nassar_penalty(features, basis, start, slope):
+    """`eigen_val_regulate` (josuenassar/power_law, ModelDefs/utils.py:217-248) restated from its formula,
+    loop and all, in float64: eigenvalues along the basis, sorted descending, the anchor eigs[start] held
+    constant, eigenvalues ≤ 0 skipped, divided by the dimension."""
+    xt = features - features.mean(0)
+    cov = xt.T @ xt / (len(features) - 1)
+    eigs = torch.diag(basis.T @ cov @ basis).sort(descending=True).values
+    beta = eigs[start].detach() * (start + 1) ** slope
+    total = torch.zeros((), dtype=features.dtype)
+    for n in range(start + 1, len(eigs)):
+        if eigs[n] > 0:
+            r = eigs[n] / (beta / (n + 1) ** slope) - 1
+            total = total + r ** 2 + torch.relu(r)
+    return total / features.shape[1]
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
-def test_spectral_decay_matches_the_eigendecomposition_when_the_basis_is_fresh(alpha):
+def test_spectral_decay_matches_their_formula_on_a_basis_from_another_batch(alpha):
+    """The basis comes from one sample and the penalty from a batch with another spectrum, so the
+    eigenvalues along the basis are out of order: an unsorted comparison or a shifted anchor shows."""
     model = mlp(widths=(12,), activation="tanh")
     reg = build(model, kind="spectral-decay", target_exponent=alpha, tau=3, refresh_samples=256)
-    x = torch.rand(256, 1, 4, 4)
-    reg.start_epoch(model, x)
+    sample = torch.rand(256, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    reg.start_epoch(model, sample)
+    batch = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(2)) ** 3
     model.train()
-    features = model.features(x)
+    model(batch)
+    got = reg.penalty(model)
+    got.backward()
+
+    twin = mlp(widths=(12,), activation="tanh").double()  # same seed: the same weights, in float64
+    with torch.no_grad():
+        reference = twin.features(sample.double())
+        _, basis = torch.linalg.eigh(torch.cov(reference.T))
+    expected = nassar_penalty(twin.features(batch.double()), basis, 3, alpha)
+    expected.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    for param, want in zip(model.features.parameters(), twin.features.parameters()):
+        torch.testing.assert_close(param.grad.double(), want.grad, rtol=1e-3, atol=1e-6 * want.grad.abs().max())
+    with torch.no_grad():
+        along_basis = torch.diag(basis.T @ torch.cov(twin.features(batch.double()).T) @ basis).flip(0)
+    assert not torch.equal(along_basis, along_basis.sort(descending=True).values)  # the sort matters here
+
+
+def test_spectral_decay_skips_zero_eigenvalues():
+    """Directions in which the batch does not vary contribute nothing (utils.py:245), where dividing by
+    the target would add 1 each."""
+    d, alpha, tau = 12, 1.0, 2
+    features = nn.Sequential(nn.Flatten(), nn.Linear(d, d, bias=False))
+    model = models.Classifier(features, nn.Linear(d, 2), (d,))
+    with torch.no_grad():
+        features[1].weight.copy_(torch.eye(d))
+    reg = regularizers.build({"kind": "spectral-decay", "strength": 1.0, "placement": "feature",
+                              "target_exponent": alpha, "tau": tau}).attach(model)
+    reg.start_epoch(model, torch.randn(100, d))
+    reg.basis = torch.eye(d)
+    x = torch.randn(50, d, generator=torch.Generator().manual_seed(0))
+    x[:, 8:] = 0  # four directions without variance
+    model.train()
+    model(x)
     got = reg.penalty(model).item()
-    expected = spectral_decay_reference(features.detach().double().numpy(), 3, alpha)
-    assert got == pytest.approx(expected, rel=1e-3)
+    expected = nassar_penalty(x.double(), torch.eye(d, dtype=torch.float64), tau, alpha).item()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert math.isfinite(got) and got < 1.0  # each zero divided by its target would add (−1)² = 1
 
 
 def test_spectral_decay_is_zero_on_an_exact_power_law():
@@ -241,10 +285,10 @@ def test_spectral_decay_state_survives_a_checkpoint():
 def test_jacobian_penalty_estimates_the_frobenius_norm_of_a_linear_map():
     d_in, d_out = 16, 8
     model = models.build({"name": "mlp", "widths": [d_out], "activation": "relu"}, (d_in,), 3)
-    model.features[-1] = nn.Identity()  # a linear feature map: the Jacobian is W / std
+    model.features[-1] = nn.Identity()  # a linear feature map: the Jacobian is W·diag(1/std)
     reg = build(model, kind="jacobian", projections=4000)
     x = torch.rand(4, d_in)
-    expected = model.features[2].weight.detach().pow(2).sum().item() / 0.25 ** 2
+    expected = (model.features[2].weight.detach() / model.features[0].std).pow(2).sum().item()
     assert reg.penalty(model, (x, None)).item() == pytest.approx(expected, rel=0.1)
 
 
@@ -259,6 +303,35 @@ def test_spectral_norm_constraint_bounds_the_placed_layers():
     for i in (2, 4):
         assert dense_sigma(model.features[i]) == pytest.approx(1.0, rel=0.02)
     assert dense_sigma(model.head) != pytest.approx(1.0, rel=0.02)
+
+
+def test_logging_sigma_never_changes_spectral_norm_training():
+    """layer_norms reads the layers in eval mode: a spectral-norm weight read in train mode would advance
+    torch's own power iteration and so change every later step."""
+    def train(log):
+        model = mlp()
+        reg = build(model, kind="spectral-norm")
+        reg.activate(model)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(0)
+        logged = None
+        for _ in range(5):
+            x, y = torch.rand(16, 1, 4, 4, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if log:
+                logged = reg.layer_norms(model)
+        return model, logged
+
+    plain, _ = train(log=False)
+    model, logged = train(log=True)
+    for (name, want), got in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, want), name  # the weights and torch's u, v alike
+    assert all(m.training for m in model.modules())
+    model.eval()  # what was logged: σ_max of the weight the model evaluates with
+    assert logged["features.2"] == pytest.approx(dense_sigma(model.features[2]), rel=1e-4)
 
 
 def test_spectral_penalties_leave_the_global_rng_alone():
