@@ -18,6 +18,7 @@ The differentiable value is σ = |uᴴ A v| with the unit vectors u, v detached 
 matrix, so dσ²/dW = 2σ u vᵀ).
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +38,21 @@ def _unit(x):
 
 
 def _settled(sigma, new, v, v_new):
-    """True once no block's σ moved by COLD_TOL·σ_max and the top block's v by VECTOR_TOL."""
+    """True once no block's σ moved by COLD_TOL·σ_max and the top block's v by VECTOR_TOL (or A = 0)."""
     top = new.argmax()
-    return bool((new - sigma).abs().max() <= COLD_TOL * new.max() and (v_new[top] - v[top]).norm() <= VECTOR_TOL)
+    if new[top] == 0:
+        return True  # a zero operator has no top vector to converge to
+    return bool((new - sigma).abs().max() <= COLD_TOL * new[top] and (v_new[top] - v[top]).norm() <= VECTOR_TOL)
 
 
 def _power(matvec, rmatvec, v, steps, converge=False):
     """`steps` power steps on every block from unit v (fewer once settled, if `converge`).
 
-    Returns unit u, v and the per-block σ = |uᴴ A v|; steps=0 just evaluates u and σ at v.
+    Returns unit u, v, the per-block σ = |uᴴ A v| and whether it settled; steps=0 just evaluates u and
+    σ at v.
     """
     u, sigma = _unit(matvec(v))
+    settled = False
     for i in range(steps):
         if i:
             u, _ = _unit(matvec(v))
@@ -56,7 +61,7 @@ def _power(matvec, rmatvec, v, steps, converge=False):
         v, sigma = torch.where((new > 0).view(-1, *[1] * (v.dim() - 1)), v_new, v), new  # a zero block keeps v
         if settled:
             break
-    return u, v, sigma
+    return u, v, sigma, settled
 
 
 def _axis_phases(n_freq, size, k, stride, pad):
@@ -240,7 +245,10 @@ class OperatorNorm(nn.Module):
             v = torch.view_as_complex(v) if self.kind == "fft" else v
             converge = converge or not self.warm
             steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
-            u, v, sigma = _power(*self._operator(w), v, steps, converge=converge)
+            u, v, sigma, settled = _power(*self._operator(w), v, steps, converge=converge)
+            if converge and not settled:
+                warnings.warn(f"{self.layer}: power iteration stopped unconverged at its cap of {steps} steps "
+                              "(close top singular values): σ_max may be low and its gradient off", RuntimeWarning)
             if steps:
                 self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
                 self.initialized.fill_(True)

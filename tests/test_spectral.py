@@ -1,5 +1,6 @@
 """specreg.spectral against independent dense references (the operator applied to the standard basis)."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specreg import spectral
 from specreg.spectral import OperatorNorm, covariance_spectrum, fit_power_law, operator_norm
 
 RTOL = 1e-3
@@ -162,17 +164,41 @@ def test_update_false_and_zero_steps_leave_the_state_alone():
     torch.testing.assert_close(norm.v, state)
 
 
-def test_reads_a_parametrized_weight():
+def test_reads_a_parametrized_weight_and_its_gradient_reaches_the_original():
+    """σ of W = W₀ / σ̂(W₀) (torch's spectral norm) and dσ/dW₀ against autograd through the parametrization
+    and the float64 dense SVD of the operator."""
     torch.manual_seed(3)
     layers = [nn.utils.parametrizations.spectral_norm(nn.Linear(10, 8)),
               nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))]
     for layer, shape in zip(layers, [None, (3, 8, 8)]):
         layer.eval()  # in eval mode reading .weight does not advance its own power iteration
-        expected = dense_sigma(layer, shape) if shape else torch.linalg.svdvals(layer.weight.double())[0].item()
+        u = layer.parametrizations.weight[0]._u  # off torch's converged σ̂: dσ/dW₀ then does not nearly cancel
+        u.copy_(F.normalize(u + 0.3 * torch.randn_like(u), dim=0))
+        twin = copy.deepcopy(layer).double()
+        weight = twin.weight
+        expected = torch.linalg.svdvals(conv_matrix(twin, shape, weight) if shape else weight)[0]
+        expected.backward()
         sigma = operator_norm(layer, shape)
-        assert sigma.item() == pytest.approx(expected, rel=RTOL)
+        assert sigma.item() == pytest.approx(expected.item(), rel=RTOL)
         sigma.backward()
-        assert layer.parametrizations.weight.original.grad is not None
+        want = twin.parametrizations.weight.original.grad
+        torch.testing.assert_close(layer.parametrizations.weight.original.grad.double(), want, rtol=RTOL,
+                                   atol=RTOL * want.abs().max().item())
+
+
+def test_a_power_iteration_stopped_at_its_cap_says_so(monkeypatch):
+    layer = nn.Linear(30, 20)
+    monkeypatch.setattr(spectral, "COLD_MAX_STEPS", 3)
+    with pytest.warns(RuntimeWarning, match="Linear.*unconverged at its cap of 3 steps"):
+        OperatorNorm(layer)()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert OperatorNorm(layer)().item() == pytest.approx(torch.linalg.svdvals(layer.weight.double())[0].item(),
+                                                             rel=RTOL)
+        zero = nn.Linear(30, 20)
+        nn.init.zeros_(zero.weight)
+        assert OperatorNorm(zero)().item() == 0.0  # nothing to converge to: settled at once, no warning
 
 
 def test_autocast_does_not_touch_it():
