@@ -1,7 +1,8 @@
 """The shared burn-in: one unregularized prefix for every trial that differs only in regularizer settings.
 
-The prefix (round(burnin * epochs) epochs with no regularizer) depends on the rest of the config, the
-seed, its length and the library code, so that is what its key hashes. It is trained once, under a file
+The prefix (the burn-in's epochs with no regularizer) depends on the rest of the config, the seed, its
+length and the library code, so that is what its key hashes; the run's total epochs only where the
+schedule depends on them (cosine), so that runs of 370 and 400 epochs at a constant rate share one prefix. It is trained once, under a file
 lock in the sweep's storage (visible to every node), and trials resume from it; on CPU the result is
 bit-identical to training from scratch, because the regularizer is inactive during burn-in and uses its
 own random generators.
@@ -17,11 +18,13 @@ import time
 import uuid
 from pathlib import Path
 
+import specreg
+
 HISTORY = "history.json"
 
 
 def burnin_epochs(resolved: dict) -> int:
-    return round(resolved["regularizer"]["burnin"] * resolved["train"]["epochs"])
+    return specreg.penalty_start(resolved)
 
 
 def prefix_config(resolved: dict) -> dict:
@@ -35,8 +38,6 @@ def prefix_config(resolved: dict) -> dict:
 @functools.lru_cache(maxsize=1)
 def library_digest() -> str:
     """A hash of the library's source, so a code change never reuses an old prefix."""
-    import specreg
-
     digest = hashlib.sha256()
     for path in sorted(Path(specreg.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
@@ -44,7 +45,10 @@ def library_digest() -> str:
 
 
 def cache_key(resolved: dict) -> str:
-    payload = {"config": prefix_config(resolved), "epochs": burnin_epochs(resolved), "library": library_digest()}
+    config = prefix_config(resolved)
+    if config["train"]["schedule"] != "cosine":
+        del config["train"]["epochs"]
+    payload = {"config": config, "epochs": burnin_epochs(resolved), "library": library_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -53,8 +57,6 @@ def ensure(cache_root, resolved: dict) -> tuple[Path, bool]:
 
     Returns (directory, trained_here). Concurrent callers wait on the key's lock and then reuse it.
     """
-    import specreg
-
     root = Path(cache_root)
     key = cache_key(resolved)
     final = root / key
@@ -66,19 +68,28 @@ def ensure(cache_root, resolved: dict) -> tuple[Path, bool]:
         try:
             if (final / HISTORY).is_file():
                 return final, False
-            for stale in root.glob(f"{key}.partial-*"):  # left by a trial that died holding the lock
-                shutil.rmtree(stale, ignore_errors=True)
-            partial = root / f"{key}.partial-{uuid.uuid4().hex[:8]}"
-            history, started = [], time.perf_counter()
-            specreg.run_experiment(prefix_config(resolved), on_epoch=history.append, checkpoint_dir=partial,
-                                   stop_after_epochs=burnin_epochs(resolved))
+            partial = _resumable_partial(root, key)
+            started = time.perf_counter()
+            specreg.run_experiment(prefix_config(resolved), checkpoint_dir=partial, stop_after_epochs=burnin_epochs(resolved),
+                                   resume_from=partial if (partial / specreg.CHECKPOINT_FILE).is_file() else None)
             (partial / "meta.json").write_text(json.dumps(
                 {"key": key, "epochs": burnin_epochs(resolved), "seconds": time.perf_counter() - started}))
-            (partial / HISTORY).write_text(json.dumps(history))
+            (partial / HISTORY).write_text(json.dumps(specreg.load_checkpoint(partial)["history"]))
             os.replace(partial, final)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return final, True
+
+
+def _resumable_partial(root: Path, key: str) -> Path:
+    """Where to train the prefix: the checkpointed folder of a trial that died holding the lock (its latest,
+    so a 360-epoch prefix killed at epoch 300 goes on from there), else a new one; other leftovers go."""
+    partials = sorted(root.glob(f"{key}.partial-*"), key=lambda p: (p / specreg.CHECKPOINT_FILE).is_file()
+                      and (p / specreg.CHECKPOINT_FILE).stat().st_mtime)
+    keep = partials.pop() if partials and (partials[-1] / specreg.CHECKPOINT_FILE).is_file() else None
+    for stale in partials:
+        shutil.rmtree(stale, ignore_errors=True)
+    return keep or root / f"{key}.partial-{uuid.uuid4().hex[:8]}"
 
 
 def history(directory) -> list[dict]:

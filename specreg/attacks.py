@@ -24,7 +24,7 @@ charged to any sample.
 import math
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -37,12 +37,16 @@ DEFAULTS = {
     "init_evals": 100,        # probes of the first normal estimate; grows as sqrt(iteration)
     "max_evals": 10_000,
     "gamma": 1.0,             # binary-search tolerance theta = gamma / d^1.5 (HopSkipJump)
+    "tolerance": None,        # binary-search tolerance on the blend factor instead (Yang et al.: 1e-5)
+    "iterations": None,       # stop after this many iterations (Yang et al.: 40), besides the query budget
+    "trace": (),              # iterations after which to keep the distances so far (AttackResult.trace)
     "max_shrinks": 10,        # step-size reductions before an iteration gives up on its step
     "batch_size": None,       # rows per forward pass; None: CPU_BATCH on a CPU, 8192 on an accelerator
     "progress": None,         # tqdm bar; None: only for long runs on a terminal
 }
 START_KINDS = ("none", "noise", "blend", "nearest", "pool", "misclassified")
 MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
+UNLIMITED = 2 ** 62  # the per-sample budget when max_queries is None
 MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
 # Bisections of the tangent radius between the accepted and the last failed one. Once the tangent point is
 # adversarial its distance to the input is sqrt(dist² − r²), so the largest radius that works is the best
@@ -66,22 +70,31 @@ class AttackResult:
     queries: torch.Tensor      # (N,) int64 model queries charged to each sample
     start: list                # per sample, one of START_KINDS
     pool_queries: int = 0      # one-off predictions of the start pool, shared by all samples
+    trace: dict = field(default_factory=dict)  # iteration -> (distances, queries) after it, per `trace`
 
 
 def validate(name, max_queries, options) -> dict:
-    """Check an attack request before any query is spent; returns the options with defaults filled in."""
+    """Check an attack request before any query is spent; returns the options with defaults filled in.
+    max_queries None means no budget, which needs `iterations`."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
-    if isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Real) \
+    if max_queries is None:
+        if options.get("iterations") is None:
+            raise ValueError("max_queries None (no budget) needs the iterations option")
+    elif isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Real) \
             or not float(max_queries).is_integer() or max_queries < 1:
         raise ValueError(f"max_queries must be a positive integer (queries per sample), got {max_queries!r}")
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown attack options {unknown}; valid options: {', '.join(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
-    for key in ("init_evals", "max_evals", "batch_size"):
+    for key in ("init_evals", "max_evals", "batch_size", "iterations"):
         if opts[key] is not None and int(opts[key]) < 1:
             raise ValueError(f"attack option {key} must be >= 1, got {opts[key]!r}")
+    if not all(isinstance(t, numbers.Integral) and t >= 1 for t in opts["trace"]):
+        raise ValueError(f"attack option trace must list iterations >= 1, got {opts['trace']!r}")
+    if opts["tolerance"] is not None and not 0 < opts["tolerance"] < 1:
+        raise ValueError(f"attack option tolerance must lie in (0, 1), got {opts['tolerance']!r}")
     for key in ("noise_starts", "max_shrinks"):
         if int(opts[key]) < 0:
             raise ValueError(f"attack option {key} must be >= 0, got {opts[key]!r}")
@@ -148,7 +161,8 @@ class _Oracle:
 
 
 def run(model, x, y, name, max_queries, seed=0, **options) -> AttackResult:
-    """Attack each row of x (true labels y) with `name`, at most `max_queries` model queries per sample.
+    """Attack each row of x (true labels y) with `name`, at most `max_queries` model queries per sample
+    (None: no budget; the `iterations` option then ends the attack).
 
     Options (see DEFAULTS) tune the starting points and the attacks; reproducible for a seed (the
     attack's own generator; the global RNG is untouched)."""
@@ -164,7 +178,8 @@ def run(model, x, y, name, max_queries, seed=0, **options) -> AttackResult:
     model.eval()
     try:
         with torch.no_grad():
-            return _attack(model, x, y, name, int(max_queries), seed, opts)
+            budget = UNLIMITED if max_queries is None else int(max_queries)
+            return _attack(model, x, y, name, budget, seed, opts)
     finally:
         model.train(was_training)
 
@@ -178,7 +193,7 @@ def _attack(model, x, y, name, max_queries, seed, opts):
     gen = torch.Generator(device).manual_seed(seed)
     batch_size = opts["batch_size"] or (CPU_BATCH if device.type == "cpu" else 8192)
     oracle = _Oracle(model, shape, y, max_queries, int(batch_size))
-    theta = opts["gamma"] / d ** 1.5
+    theta = opts["tolerance"] or opts["gamma"] / d ** 1.5
     steps = max(MIN_STEPS, math.ceil(math.log2(1 / theta)))  # binary-search rounds to reach theta
 
     everyone = torch.arange(n, device=device)
@@ -197,11 +212,12 @@ def _attack(model, x, y, name, max_queries, seed, opts):
     best[pred != y] = 0.0
     dist = _record(adv, best, idx, cur, x0)
 
-    bar = _progress_bar(opts["progress"], n, max_queries)
+    bar = _progress_bar(opts["progress"], n, min(max_queries, 20_000))
     scales = _step_scales(name, int(opts["max_shrinks"]))
     refine = TANGENT_REFINE if name == "tangent" else 0
+    trace = {}
     if name != "boundary-search":
-        for t in range(1, sys.maxsize):
+        for t in range(1, (opts["iterations"] or sys.maxsize - 1) + 1):
             evals = min(int(opts["init_evals"] * math.sqrt(t)), int(opts["max_evals"]))
             evals = (oracle.room(idx) - steps - 1).clamp(max=evals)  # leave room for the step and search
             keep = evals >= MIN_EVALS
@@ -225,6 +241,8 @@ def _attack(model, x, y, name, max_queries, seed, opts):
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
             cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
             dist = _record(adv, best, idx, cur, x0)
+            if t in opts["trace"]:
+                trace[t] = (best.to("cpu", copy=True), oracle.queries.to("cpu", copy=True))
     bar.update(n - bar.n)
     bar.set_postfix(queries=int(oracle.queries.sum()))
     bar.close()
@@ -235,6 +253,7 @@ def _attack(model, x, y, name, max_queries, seed, opts):
         queries=oracle.queries.cpu(),
         start=[START_KINDS[i] for i in kind.tolist()],
         pool_queries=0 if pool_pred is None else len(pool_pred),
+        trace=trace,
     )
 
 

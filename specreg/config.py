@@ -49,6 +49,10 @@ class TrainSpec(Strict):
     # where none is.
     # On an H200 it did not pay for the paper's small models (docs/benchmarks_gpu.md).
     amp: bool = False
+    # Epochs between evaluations of the encoder's spectral metrics (σ per layer, α̂ of the feature spectrum,
+    # about 1.5 s for the SLP-2000 on a CPU); test accuracy is evaluated after every epoch, and everything
+    # after a phase's last epoch and at the end of the burn-in.
+    eval_every: int = Field(1, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -63,7 +67,9 @@ class RegularizerSpec(Strict):
     strength: float = Field(0.0, ge=0)
     placement: Optional[str] = None  # default per kind: `feature`; all-layer-spectral always uses `all`
     every: int = Field(1, ge=1)
-    burnin: float = Field(0.0, ge=0, lt=1)
+    # Unregularized epochs first: a fraction (< 1) of the regularized stage's epochs, or a whole number of
+    # epochs (>= 1); 0.9 of 400 and 360 both start the penalty after epoch 360.
+    burnin: Union[int, float] = Field(0.0, ge=0)
     n_power_iterations: int = Field(1, ge=1)
     target_exponent: float = Field(1.0, gt=0)
     tau: int = Field(10, ge=1)
@@ -78,15 +84,32 @@ class RegularizerSpec(Strict):
     def _placement(cls, value):
         return None if value is None else placement_mod.check_syntax(value)
 
+    @field_validator("burnin")
+    @classmethod
+    def _burnin(cls, value):
+        if value >= 1 and not float(value).is_integer():
+            raise ValueError(f"must be a fraction below 1 or a whole number of epochs, got {value!r}")
+        return int(value) if value >= 1 else float(value)
+
 
 class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="allow")  # attack options pass through to specreg.attacks.run
     name: Literal[ATTACK_NAMES] = "tangent"
     samples: int = Field(500, ge=1)
-    max_queries: int = Field(2000, ge=1)
+    # Queries per point; null: no budget, the attack stops after `iterations` (one of the two is required).
+    max_queries: Optional[int] = Field(2000, ge=1)
     eps: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
     seed: int = 0
     start_pool: int = Field(1000, ge=0)
+    # Attack the first `samples` correctly classified test points (Yang et al.'s protocol) instead of the
+    # first `samples` test points with misclassified ones at distance 0.
+    correct_only: bool = False
+
+    @model_validator(mode="after")
+    def _stopping_rule(self):
+        if self.max_queries is None and (self.model_extra or {}).get("iterations") is None:
+            raise ValueError("max_queries: null needs `iterations` (the attack must stop somewhere)")
+        return self
 
     @field_validator("eps")
     @classmethod
@@ -181,6 +204,14 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _readout_scale(self):
+        scale = (self.model.model_extra or {}).get("readout_scale", 1.0)
+        if self.task != "supervised" and scale != 1.0:
+            raise ValueError(f"model.readout_scale: only for task 'supervised' (got {scale!r}); the probe and "
+                             "source heads are plain linear readouts")
+        return self
+
+    @model_validator(mode="after")
     def _regularizer_per_task(self):
         reg = self.regularizer
         if self.task != "transfer":
@@ -228,6 +259,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             del out[section]
     if out["regularizer"]["stage"] is None:
         del out["regularizer"]["stage"]
+    check_burnin(out)
     shape = KNOWN_INPUT_SHAPES.get(out["data"]["name"])
     if shape is not None:
         check_model(out, shape, KNOWN_NUM_CLASSES.get(out["data"]["name"], 10))
@@ -257,11 +289,28 @@ def phase_epochs(config: dict) -> dict[str, int]:
 
 def penalty_start(config: dict) -> int:
     """The epoch (counted across phases) after which the penalty applies: the burn-in's end. For task
-    transfer the burn-in is a fraction of the first regularized stage."""
+    transfer the burn-in counts within the first regularized stage."""
     reg = config["regularizer"]
     phases = list(phase_epochs(config).items())
     first = 1 if config["task"] == "transfer" and reg["stage"] == "target" else 0
-    return sum(epochs for _, epochs in phases[:first]) + round(reg["burnin"] * phases[first][1])
+    return sum(epochs for _, epochs in phases[:first]) + burnin_epochs(reg["burnin"], phases[first][1])
+
+
+def check_burnin(config: dict) -> None:
+    """A burn-in given in epochs must leave some of its stage to regularize."""
+    reg = config["regularizer"]
+    if reg["kind"] == "none" or reg["burnin"] < 1:
+        return
+    phases = list(phase_epochs(config).values())
+    stage = phases[1 if config["task"] == "transfer" and reg["stage"] == "target" else 0]
+    if reg["burnin"] >= stage:
+        raise ConfigError(f"regularizer.burnin: {reg['burnin']} epochs leaves none of the stage's {stage} "
+                          "epochs to regularize")
+
+
+def burnin_epochs(burnin, stage_epochs: int) -> int:
+    """Unregularized epochs of a stage: `burnin` epochs if it is >= 1, else that fraction of the stage."""
+    return int(burnin) if burnin >= 1 else round(burnin * stage_epochs)
 
 
 def check_model(config: dict, input_shape, num_classes: int) -> None:

@@ -117,8 +117,11 @@ def finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
-def encoder_metrics(regularizer, model, x_test) -> dict:
-    """σ_max of every feature and regularized layer (`sigma/<name>`) and α̂ of the feature spectrum."""
+def encoder_metrics(regularizer, model, x_test, full: bool = True) -> dict:
+    """σ_max of every feature and regularized layer (`sigma/<name>`) and α̂ of the feature spectrum; nothing
+    unless `full` (the epochs `train.eval_every` skips)."""
+    if not full:
+        return {}
     spectrum = feature_spectrum(model, x_test)
     return {**{f"sigma/{name}": value for name, value in regularizer.layer_norms(model).items()},
             "alpha_hat": finite_or_none(spectral.fit_power_law(spectrum))}
@@ -149,7 +152,7 @@ class Phase:
     x: torch.Tensor
     y: torch.Tensor
     train: dict  # epochs, optimizer, lr, schedule, batch_size, amp, … (TrainSpec keys)
-    evaluate: Callable[[], dict]  # end-of-epoch metrics under their final names
+    evaluate: Callable[[bool], dict]  # end-of-epoch metrics under their final names; False: the cheap ones
     classifier: Optional[nn.Module] = None  # the regularizer's model, if this phase applies the penalty
     augment: Optional[str] = None  # a `data.AUGMENTATIONS` name for the batches
     drop_last: bool = False
@@ -275,7 +278,8 @@ class Run:
             if regularized:
                 metrics[f"{prefix}reg_penalty"] = float(penalty_sum) / max(penalty_steps, 1)
             metrics[f"{prefix}lr"] = optimizer.param_groups[0]["lr"]
-            metrics.update(phase.evaluate())
+            due = (epoch + 1) % self.config["train"]["eval_every"] == 0
+            metrics.update(phase.evaluate(due or epoch + 1 in (end, self.penalty_from)))
             metrics["epoch_seconds"] = time.perf_counter() - started
             self.epoch = epoch + 1
             self.history.append(metrics)

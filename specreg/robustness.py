@@ -1,12 +1,16 @@
 """Robustness metrics from minimal L2 adversarial distances found by a decision-based attack.
 
-Conventions: the first `samples` test points are attacked (at most the whole test set); misclassified
-ones count as distance 0 (RobustBench). Points with no starting point (the model predicted their class
-everywhere the attack looked) have distance inf but are never counted as robust: they lower every robust
-accuracy and the AUC, and are reported as `attack_start_failures`. `adv_dist_median` and `adv_dist_mean`
-are over the points with a finite distance. The start pool (`start_pool` points, default 1000) is drawn
-with the seed from the rest of the test set; its one-off predictions are `attack_pool_queries`, apart
-from the per-point `attack_queries_mean`.
+Conventions: the first `samples` test points are attacked (at most the whole test set), or with
+`correct_only` the first `samples` correctly classified ones (Yang et al.'s protocol). Robust accuracy is
+reported both ways: `adv_acc_eps_E` over all test points, a misclassified point counting as distance 0
+(RobustBench), and `adv_acc_correct_eps_E` among the correctly classified points (the paper's distances are
+over those). With `correct_only`, the first is the clean accuracy times the second, and `adv_auc` likewise.
+Points with no starting point (the model predicted their class everywhere the attack looked) have distance
+inf but are never counted as robust: they lower every robust accuracy and the AUC, and are reported as
+`attack_start_failures`. `adv_dist_median` and `adv_dist_mean` are over the attacked points with a finite
+distance, `adv_dist_median_correct` over the correctly classified ones. The start pool (`start_pool`
+points, default 1000) is drawn with the seed from the test points not attacked; its one-off predictions are
+`attack_pool_queries`, apart from the per-point `attack_queries_mean`.
 """
 import math
 import numbers
@@ -17,7 +21,7 @@ import torch
 
 from . import attacks
 
-SPEC_DEFAULTS = {"seed": 0, "start_pool": 1000}
+SPEC_DEFAULTS = {"seed": 0, "start_pool": 1000, "correct_only": False}
 
 
 def evaluate(model, test_data, attack_spec) -> dict:
@@ -28,6 +32,7 @@ def evaluate(model, test_data, attack_spec) -> dict:
         raise ValueError(f"attack spec lacks {missing}")
     name, samples, max_queries = spec.pop("name"), spec.pop("samples"), spec.pop("max_queries")
     eps, seed, pool_size = list(spec.pop("eps")), int(spec.pop("seed")), spec.pop("start_pool")
+    correct_only = spec.pop("correct_only")
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"attack samples must be an integer >= 1, got {samples!r}")
     if not eps:
@@ -50,36 +55,59 @@ def evaluate(model, test_data, attack_spec) -> dict:
         model.train(was_training)
     clean_acc = (labels.cpu() == y_test.cpu()).float().mean().item()
 
-    samples = min(samples, len(x_test))
-    rest = torch.arange(samples, len(x_test))
+    correct = labels.cpu() == y_test.cpu()
+    candidates = correct.nonzero().squeeze(1) if correct_only else torch.arange(len(x_test))
+    attacked = candidates[:samples]
+    if len(attacked) == 0:
+        raise ValueError("attack correct_only: the model classifies no test point correctly")
+    rest = torch.ones(len(x_test), dtype=torch.bool)
+    rest[attacked] = False
+    rest = rest.nonzero().squeeze(1)
     picked = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:pool_size]
     pool = x_test[rest[picked]] if len(picked) else None
     started = time.perf_counter()
-    result = attacks.run(model, x_test[:samples], y_test[:samples], name, max_queries, seed=seed,
+    result = attacks.run(model, x_test[attacked], y_test[attacked], name, max_queries, seed=seed,
                          start_pool=pool, **spec)
     seconds = time.perf_counter() - started
 
-    dist = result.distances.numpy()
     failed = np.array([kind == "none" for kind in result.start])
-    robust_dist = np.where(failed, 0.0, dist)  # a start failure is never robust
-    found = dist[np.isfinite(dist)]
-    metrics = {
-        "clean_acc": clean_acc,
-        "adv_dist_median": float(np.median(found)) if len(found) else math.nan,
-        "adv_dist_mean": float(np.mean(found)) if len(found) else math.nan,
-    }
-    for e in sorted(eps):
-        metrics[f"adv_acc_eps_{eps_name(e)}"] = float(np.mean(robust_dist > e))
-    metrics["adv_auc"] = robust_auc(robust_dist, max(eps))
+    was_correct = correct[attacked].numpy()
+    metrics = {"clean_acc": clean_acc, **_distance_metrics(result.distances.numpy(), failed, was_correct, eps,
+                                                           clean_acc if correct_only else None)}
+    for iteration, (distances, queries) in sorted(result.trace.items()):  # the attack's convergence
+        partial = _distance_metrics(distances.numpy(), failed, was_correct, eps, clean_acc if correct_only else None)
+        metrics.update({f"iter{iteration}/{key}": value for key, value in partial.items()})
+        metrics[f"iter{iteration}/attack_queries_mean"] = float(queries.double().mean())
     metrics.update({
-        "attack_samples": samples,
+        "attack_samples": len(attacked),
         "attack_queries_mean": float(result.queries.double().mean()),
         "attack_pool_queries": result.pool_queries,
         "attack_seconds": seconds,
         "attack_start_failures": int(failed.sum()),
-        "attack_success_rate": float(np.isfinite(dist).mean()),
-        "distances": dist,
+        "attack_success_rate": float(np.isfinite(result.distances.numpy()).mean()),
+        "distances": result.distances.numpy(),
     })
+    return metrics
+
+
+def _distance_metrics(dist, failed, was_correct, eps, clean_acc) -> dict:
+    """Distance and robust-accuracy metrics of the attacked points' distances (clean_acc: given with
+    correct_only, whose all-points figures are clean_acc × the figures among the correct points)."""
+    robust_dist = np.where(failed, 0.0, dist)  # a start failure is never robust
+    found = dist[np.isfinite(dist)]
+    found_correct = dist[np.isfinite(dist) & was_correct]
+    metrics = {
+        "adv_dist_median": float(np.median(found)) if len(found) else math.nan,
+        "adv_dist_mean": float(np.mean(found)) if len(found) else math.nan,
+        "adv_dist_median_correct": float(np.median(found_correct)) if len(found_correct) else math.nan,
+    }
+    # over all test points: the attacked sample's share, or clean accuracy × the share among correct ones
+    for e in sorted(eps):
+        among_correct = float(np.mean(robust_dist[was_correct] > e)) if was_correct.any() else math.nan
+        metrics[f"adv_acc_eps_{eps_name(e)}"] = float(np.mean(robust_dist > e)) if clean_acc is None \
+            else clean_acc * among_correct
+        metrics[f"adv_acc_correct_eps_{eps_name(e)}"] = among_correct
+    metrics["adv_auc"] = robust_auc(robust_dist, max(eps)) * (1.0 if clean_acc is None else clean_acc)
     return metrics
 
 

@@ -122,6 +122,7 @@ def experiment(config: dict, device, **run_options) -> dict:
     data = data_mod.load({"seed": config["train"]["seed"], **config["data"]}, device=device)
     check_model(config, data.input_shape, data.num_classes)
     model = models.build(config["model"], data.input_shape, data.num_classes)
+    models.fit_normalization(model.features, data.x_train)
     projection = projector(model.head.in_features, spec["projector"]).to(device)
     model.head = probe_head(model.head)
     model = model.to(device)
@@ -135,8 +136,9 @@ def experiment(config: dict, device, **run_options) -> dict:
         with torch.autocast(z.device.type, enabled=False):  # correlations / similarities in fp32
             return criterion(*z.chunk(2)), None
 
-    def evaluate():
-        return {"pretrain/knn_acc": knn_accuracy(model, data), **encoder_metrics(regularizer, model, data.x_test)}
+    def evaluate(full=True):
+        return {"pretrain/knn_acc": knn_accuracy(model, data),
+                **encoder_metrics(regularizer, model, data.x_test, full)}
 
     pretrain = Phase("pretrain", nn.ModuleList([model.features, projection]), loss, data.x_train, data.y_train,
                      config["train"], evaluate, classifier=model, drop_last=True)

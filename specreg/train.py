@@ -17,12 +17,13 @@ def supervised(config: dict, device, **run_options) -> dict:
     data = data_mod.load({"seed": config["train"]["seed"], **config["data"]}, device=device)
     check_model(config, data.input_shape, data.num_classes)
     model = models.build(config["model"], data.input_shape, data.num_classes).to(device)
+    models.fit_normalization(model.features, data.x_train)
     regularizer = regularizers.build(config["regularizer"]).attach(model).to(device)
     run = Run(config, device, {"model": model}, regularizer, model, **run_options)
 
-    def evaluate():
+    def evaluate(full=True):
         return {"test_acc": accuracy(model, data.x_test, data.y_test),
-                **encoder_metrics(regularizer, model, data.x_test)}
+                **encoder_metrics(regularizer, model, data.x_test, full)}
 
     done = run.fit(Phase(SUPERVISED, model, classification_loss(model), data.x_train, data.y_train,
                          config["train"], evaluate, classifier=model, augment=data.augment))

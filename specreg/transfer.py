@@ -36,6 +36,7 @@ def experiment(config: dict, device, **run_options) -> dict:
     check_shapes(target.input_shape, source.input_shape)
     check_model(config, target.input_shape, target.num_classes)
     model = models.build(config["model"], target.input_shape, target.num_classes)
+    models.fit_normalization(model.features, source.x_train)  # the encoder is trained on the source
     source_model = models.Classifier(model.features, nn.Linear(model.head.in_features, source.num_classes),
                                      source.input_shape)
     if settings["mode"] == "probe":
@@ -49,9 +50,9 @@ def experiment(config: dict, device, **run_options) -> dict:
     regularizer = regularizers.build(config["regularizer"]).attach(regularized).to(device)
     run = Run(config, device, modules, regularizer, regularized, **run_options)
 
-    def evaluate_source():
+    def evaluate_source(full=True):
         return {"pretrain/test_acc": accuracy(source_model, source.x_test, source.y_test),
-                **encoder_metrics(regularizer, source_model, source.x_test)}
+                **encoder_metrics(regularizer, source_model, source.x_test, full)}
 
     epochs = config["source"]["epochs"]
     pretrain = Phase("pretrain", source_model, classification_loss(source_model), source.x_train, source.y_train,
@@ -65,9 +66,9 @@ def experiment(config: dict, device, **run_options) -> dict:
         if finetune_l2sp and run.epoch == epochs:  # starting the finetune, not resuming it
             anchor.load_state_dict(model.features.state_dict())
 
-        def evaluate_target():
+        def evaluate_target(full=True):
             return {"finetune/test_acc": accuracy(model, target.x_test, target.y_test),
-                    **encoder_metrics(regularizer, model, target.x_test)}
+                    **encoder_metrics(regularizer, model, target.x_test, full)}
 
         loss = l2sp_loss(model, anchor, settings["l2sp"]) if finetune_l2sp else classification_loss(model)
         target_phase = Phase("finetune", model, loss, target.x_train, target.y_train,

@@ -19,7 +19,12 @@ def test_defaults_are_filled_and_placement_defaults_per_kind():
 @pytest.mark.parametrize("config, names", [
     (with_(regularizer={"kind": "rep-specral"}), ["regularizer.kind", "rep-specral", "rep-spectral"]),
     (with_(regularizer={"kind": "rep-spectral", "strength": -1}), ["regularizer.strength", "-1"]),
-    (with_(regularizer={"kind": "rep-spectral", "burnin": 1.0}), ["regularizer.burnin", "1.0"]),
+    (with_(regularizer={"kind": "rep-spectral", "burnin": 1.5}), ["regularizer.burnin", "1.5"]),
+    (with_(regularizer={"kind": "rep-spectral", "burnin": 10}), ["regularizer.burnin", "10 epochs"]),
+    (with_(model={"name": "mlp", "normalize": "datset"}), ["model.normalize", "datset"]),
+    (with_(model={"name": "slp", "init_std": 0}), ["model.init_std", "0"]),
+    (with_(model={"name": "slp", "readout_scale": "sqrt"}), ["model.readout_scale", "sqrt"]),
+    (with_(attack={"max_queries": None}), ["max_queries", "iterations"]),
     (with_(regularizer={"kind": "rep-spectral", "placement": "upto:7"}), ["regularizer.placement", "upto:7"]),
     (with_(regularizer={"kind": "rep-spectral", "placement": "top"}), ["regularizer.placement", "top", "upto:K"]),
     (with_(regularizer={"kind": "rep-spectral", "strenght": 1}), ["regularizer.strenght", "Extra"]),
@@ -38,3 +43,17 @@ def test_bad_values_name_the_key_and_value(config, names):
         validate_config(config)
     for name in names:
         assert name in str(error.value)
+
+
+@pytest.mark.parametrize("burnin, epochs, start", [(0.9, 400, 360), (360, 400, 360), (360, 370, 360), (0.5, 7, 4)])
+def test_burnin_as_a_fraction_or_as_epochs(burnin, epochs, start):
+    from specreg import penalty_start
+
+    config = validate_config(with_(train={"epochs": epochs}, regularizer={"kind": "rep-spectral", "burnin": burnin}))
+    assert penalty_start(config) == start
+
+
+def test_readout_scale_is_refused_where_the_head_is_replaced():
+    ssl = with_(task="ssl", ssl={"method": "barlow"}, model={"name": "slp", "readout_scale": 0.5})
+    with pytest.raises(ConfigError, match="readout_scale"):
+        validate_config(ssl)

@@ -14,27 +14,65 @@ def resnet():
     return models.build({"name": "resnet18", "width": 8}, (3, 32, 32), 10)
 
 
-@pytest.mark.parametrize("name, spec, shape", [
-    ("slp", {"width": 20, "activation": "gelu"}, (1, 8, 8)),
-    ("mlp", {"widths": [16, 8]}, (1, 8, 8)),
-    ("cnn", {"channels": [4, 8]}, (3, 16, 16)),
-    ("resnet18", {"width": 4, "padding_mode": "circular"}, (3, 16, 16)),
-    ("mlp", {"widths": [8]}, (2,)),
+GELU_MIN = -0.17  # min over z of z·Φ(z) is −0.16997
+
+
+@pytest.mark.parametrize("name, spec, shape, width, lowest", [
+    ("slp", {"width": 20, "activation": "gelu"}, (1, 8, 8), 20, GELU_MIN),
+    ("mlp", {"widths": [16, 8]}, (1, 8, 8), 8, 0.0),
+    ("cnn", {"channels": [4, 8]}, (3, 16, 16), 8, 0.0),
+    ("resnet18", {"width": 4, "padding_mode": "circular"}, (3, 16, 16), 32, 0.0),
+    ("mlp", {"widths": [8]}, (2,), 8, 0.0),
 ])
-def test_models_split_into_features_and_head(name, spec, shape):
+def test_models_split_into_features_and_head(name, spec, shape, width, lowest):
+    """`features` ends with the last hidden layer's activation (its width, its range); `head` is an affine
+    readout holding the one weight layer that `features` does not."""
     model = models.build({"name": name, **spec}, shape, 7)
     x = torch.rand(5, *shape)
     features = model.features(x)
-    assert features.dim() == 2 and features.shape[0] == 5
-    assert torch.allclose(model.head(features), model(x))
+    assert features.shape == (5, width)
+    assert features.min() >= lowest  # after the nonlinearity, not before it
+    a, b = features[:2], features[2:4]
+    torch.testing.assert_close(model.head(0.3 * a + 0.7 * b), 0.3 * model.head(a) + 0.7 * model.head(b))
+    layers = placement.resolve(model, "all")
+    assert layers[:-1] == placement.resolve(model, "feature") and layers[-1].startswith("head")
     assert model(x).shape == (5, 7)
 
 
-def test_inputs_are_normalised_inside_the_model():
-    model = models.build({"name": "mlp", "widths": [4]}, (1, 2, 2), 2)
-    first = model.features[2]
-    x = torch.full((1, 1, 2, 2), 0.5)  # the normaliser's mean: the first layer sees zeros
-    assert torch.allclose(model.features[:3](x), first.bias)
+def test_inputs_are_normalised_inside_the_model_with_the_training_sets_statistics():
+    model = models.build({"name": "cnn", "channels": [4]}, (3, 4, 4), 2)
+    gen = torch.Generator().manual_seed(0)
+    scale, shift = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.5, 0.7])
+    x_train = torch.randn(500, 3, 4, 4, generator=gen) * scale[:, None, None] + shift[:, None, None]
+    models.fit_normalization(model.features, x_train)
+    normalized = model.features[0](x_train)
+    per_channel = normalized.transpose(0, 1).reshape(3, -1)  # statistics computed here, independently
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(per_channel.std(1), torch.ones(3), atol=1e-4)
+    assert torch.allclose(model.state_dict()["features.0.mean"], x_train.mean((0, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize, expected", [("none", lambda x: x), ([0.5, 0.25], lambda x: (x - 0.5) / 0.25)])
+def test_normalize_none_and_fixed(normalize, expected):
+    model = models.build({"name": "mlp", "widths": [4], "normalize": normalize}, (1, 2, 2), 2)
+    models.fit_normalization(model.features, torch.rand(10, 1, 2, 2))  # only `dataset` takes the data's
+    x = torch.rand(3, 1, 2, 2)
+    assert torch.allclose(model.features[0](x), expected(x))
+
+
+def test_the_authors_slp_parametrization():
+    """init N(0, 0.01²) for weights and biases, logits times 1/sqrt(width) (Yang et al., MLP.py)."""
+    torch.manual_seed(0)
+    spec = {"name": "slp", "width": 2000, "init_std": 0.01, "readout_scale": "1/sqrt(width)", "normalize": "none"}
+    model = models.build(spec, (1, 28, 28), 10)
+    first, readout = model.features[2], model.head[0]
+    for p in (first.weight, first.bias, readout.weight):
+        assert abs(p.std().item() - 0.01) < 5e-4 and abs(p.mean().item()) < 5e-4
+    x = torch.rand(4, 1, 28, 28)
+    by_hand = (torch.nn.functional.gelu(x.flatten(1) @ first.weight.T + first.bias) @ readout.weight.T
+               + readout.bias) / 2000 ** 0.5
+    assert torch.allclose(model(x), by_hand, atol=1e-6)
+    assert placement.resolve(model, "all") == ["features.2", "head.0"]
 
 
 def test_resnet_has_cifar_stem_and_shortcuts(resnet):
