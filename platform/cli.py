@@ -3,8 +3,10 @@ import csv
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
@@ -216,18 +218,40 @@ def ui(
                                                          "private network)."),
     mlflow: Optional[str] = _mlflow_option(),
 ):
-    """Start the MLflow UI for the store."""
+    """Start the MLflow UI for the store (Ctrl-C to stop)."""
     from . import tracking
 
     uri = tracking.resolve_uri(mlflow)
     tracking.require_store(uri)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                "--port", str(port)]
-    typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    typer.echo(f"MLflow UI on {tracking.ui_url(f'http://{host}:{port}')} (Ctrl-C to stop)")
+    # The server's own process group holds its uvicorn workers, job runner and huey consumers: stopping
+    # `ui` (Ctrl-C, or SIGTERM, which is made to act the same) stops all of them and frees the port.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server = subprocess.Popen(command, start_new_session=True)
     try:
-        raise typer.Exit(subprocess.run(command).returncode)
+        code = server.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        code = 0
+    finally:
+        _stop_group(server)
+    raise typer.Exit(code)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM to the process group that `process` leads, then SIGKILL to what is left of it after
+    `grace` seconds (MLflow's huey consumers outlive a SIGTERM)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        try:
+            os.killpg(process.pid, sig)
+            while time.monotonic() < deadline:
+                process.poll()  # reap the leader, which would otherwise stay in the group as a zombie
+                os.killpg(process.pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:  # the group is empty
+            return
 
 
 class ReportFormat(str, Enum):

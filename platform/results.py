@@ -241,7 +241,8 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
     if limit is not None:
         records = records[:limit]
     columns = ["sweep", "trial", "status", "outcome", *keys, *metrics]
-    rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.searched.get(k) for k in keys),
+    # a key that was not searched in a trial shows the value the trial used, as its MLflow params do
+    rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.searched.get(k, r.params.get(k)) for k in keys),
              *(r.metrics.get(m) for m in metrics)] for r in records]
     return columns, rows
 

@@ -19,7 +19,7 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
     commit = tracking.git_commit()
     experiment_id = tracking.ensure_experiment(mlflow, name, uri)
     run = tracking.RunLog.open(mlflow, experiment_id, name, tracking.run_tags(resolved, "train", name, commit))
-    run.log_params({**resolved, **tracking.threat_model(resolved)})
+    run.log_params(tracking.run_params(resolved))
     checkpoint_dir = Path(storage).resolve() / "train" / f"{name}-{run.run_id[:12]}"
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}")]

@@ -45,6 +45,8 @@ def connect(address: str | None) -> None:
     if client and importlib.util.find_spec("grpc") is None:
         raise BadInput(f"--address {address}: Ray Client needs Ray's client extra (grpcio): "
                        "pip install 'ray[client]'")
+    if not address:  # a new local instance gets a token, as Ray does by default, without Ray's warning
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -161,7 +163,8 @@ def _start_tracking(spec: SweepSpec, base: dict, uri: str, space_text: str) -> d
     parent = tracking.RunLog.open(mlflow, experiment_id, spec.name, {
         **tracking.run_tags(base, "sweep", spec.name, commit),
         results.OBJECTIVES: json.dumps([o.model_dump() for o in spec.objectives]),
-        results.SEARCH_KEYS: json.dumps(list(spec.search)), results.SEEDS: json.dumps(spec.seeds or [])})
+        results.SEARCH_KEYS: json.dumps(list(spec.search)), results.SEEDS: json.dumps(spec.seeds or []),
+        tracking.NOTE: spec.description})
     parent.log_params(_parent_params(spec))
     parent.log_files({"space.yaml": space_text.encode()})
     return {"spec": spec.model_dump(by_alias=True), "mlflow_uri": uri, "experiment_id": experiment_id,
@@ -192,6 +195,8 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
                                           sort_keys=False).encode()})
     else:
         front = []
+    summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front)
+    parent.set_tags({tracking.NOTE: f"{spec.description}\n\n{summary}".strip()})
     if interrupted:
         parent.end("KILLED", "killed")
     else:
@@ -259,6 +264,9 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     # Trials checkpoint every epoch by design; Tune's warning about frequent state snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own start-up lines (its settings table, the results folder again, a TensorBoard hint into Ray's
+    # session folder) say nothing the sweep's line above does not; its older reporter at verbose=0 is silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         grid = tuner.fit()  # returns on Ctrl-C too, with the sweep's state saved
     except BaseException:

@@ -46,6 +46,9 @@ THREAT_MODEL = "specreg.threat_model"
 NODE = "specreg.ray_node_id"     # where a trial ran: its Ray node, the resources Ray granted it, its torch device
 RESOURCES = "specreg.resources"
 DEVICE = "specreg.device"
+NOTE = "mlflow.note.content"     # a run's description in the MLflow UI (Markdown)
+# MLflow 3's experiment type: its UI offers training runs, not the GenAI overview and traces, for this kind
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ARRAY_KEYS = ("history", "distances", "spectrum")
 OFFLINE_DIR = "offline"          # in a sweep's storage folder: writes made while MLflow was unreachable
 _CLIENTS: dict[str, MlflowClient] = {}
@@ -70,10 +73,48 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def require_store(uri: str) -> None:
-    """For reading commands: a SQLite store must already exist (reading must not create one)."""
+    """For reading commands: a SQLite store must already exist (reading must not create one), with its
+    artifacts beside it (see `relocate_artifacts`)."""
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise BadInput(f"--mlflow: no MLflow store at {path} (run a sweep first, or pass --mlflow URI)")
+    if path is not None:
+        relocate_artifacts(path)
+
+
+def relocate_artifacts(path: Path) -> None:
+    """Point a copied or moved SQLite store at the artifacts beside it.
+
+    MLflow records absolute artifact locations, so a copied store still read and wrote the original
+    folder's artifacts. The experiments this platform created keep theirs in `mlartifacts/NAME` beside
+    the store: where that recorded root is not the store's own folder, the experiments' and runs'
+    locations are rewritten to it (MLflow has no API to change an experiment's artifact location), once
+    that folder is there; without it, nothing is read or written and the error names both folders.
+    """
+    import sqlite3
+
+    root = (path.parent / ARTIFACT_DIR).as_uri()
+    with sqlite3.connect(path) as db:
+        recorded = {location.rsplit("/", 1)[0] for (location,) in db.execute(
+            "SELECT artifact_location FROM experiments JOIN experiment_tags USING (experiment_id) "
+            "WHERE key = ?", (SWEEP,))}
+        moved = recorded - {root}
+        if moved and not (path.parent / ARTIFACT_DIR).is_dir():
+            raise BadInput(f"--mlflow: the store {path} keeps its artifacts in {', '.join(sorted(moved))}, and "
+                           f"there is no {ARTIFACT_DIR}/ beside it: copy the store's folder with its "
+                           f"{ARTIFACT_DIR}/, or point --mlflow at the original store")
+        for old in moved:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                           f"WHERE substr({column}, 1, ?) = ?", (root, len(old) + 1, len(old) + 1, old + "/"))
+    db.close()
+
+
+def ui_url(server: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A page of the MLflow UI on its training-runs side: MLflow 3.17's UI picks GenAI or model training
+    from a browser-wide switch (default GenAI) and from this URL parameter, not from the experiment."""
+    page = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}{page}?workflowType=machine_learning"
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -118,7 +159,7 @@ def ensure_experiment(mlflow: MlflowClient, name: str, uri: str) -> str:
         return experiment.experiment_id
     path = sqlite_path(uri)
     location = (path.parent / ARTIFACT_DIR / name).as_uri() if path else None
-    return retry(mlflow.create_experiment, name, artifact_location=location, tags={SWEEP: name})
+    return retry(mlflow.create_experiment, name, artifact_location=location, tags={SWEEP: name, **EXPERIMENT_KIND})
 
 
 def git_commit() -> str:
@@ -144,6 +185,43 @@ def threat_model(resolved: dict) -> dict:
 
 def threat_model_tag(resolved: dict) -> str:
     return "/".join(str(v) for v in threat_model(resolved).values()) or "none"
+
+
+# The regularizer options each kind reads (specreg.regularizers and the training loop): a run logs only
+# these, so that a rep-spectral run shows no target_exponent and a `none` run no strength.
+REGULARIZER_OPTIONS = {
+    "none": (),
+    "rep-spectral": ("strength", "placement", "every", "burnin", "n_power_iterations", "conv_mode",
+                     "activation_term"),
+    "all-layer-spectral": ("strength", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term"),
+    "spectral-decay": ("strength", "placement", "every", "burnin", "target_exponent", "tau", "refresh_samples"),
+    "spectral-norm": ("placement", "burnin"),
+    "jacobian": ("strength", "every", "burnin", "projections"),
+}
+
+
+def run_params(resolved: dict) -> dict:
+    """The params a run logs: its config with only the regularizer options its kind uses (`stage` in a
+    transfer task), and the threat model."""
+    regularizer = resolved["regularizer"]
+    used = REGULARIZER_OPTIONS[regularizer["kind"]] + (("stage",) if resolved["task"] == "transfer" else ())
+    params = {**resolved, "regularizer": {k: v for k, v in regularizer.items() if k == "kind" or k in used}}
+    return {**params, **threat_model(resolved)}
+
+
+LABELS = {"regularizer.kind": "", "regularizer.strength": "λ=", "regularizer.placement": "",
+          "regularizer.target_exponent": "α="}
+
+
+def run_name(resolved: dict, values: dict) -> str:
+    """A trial's run name: its regularizer's kind, strength and placement (where the kind uses them), then
+    its other searched values, `lr=` for `train.lr`: `rep-spectral λ=0.00431 upto:1` (3 significant digits)."""
+    regularizer = resolved["regularizer"]
+    shown = {f"regularizer.{k}": regularizer[k] for k in ("kind", "strength", "placement")
+             if k == "kind" or k in REGULARIZER_OPTIONS[regularizer["kind"]]}
+    shown.update(values)  # a key already shown keeps its place
+    return " ".join(LABELS.get(k, k.rsplit(".", 1)[-1] + "=") + (f"{v:.3g}" if isinstance(v, float) else str(v))
+                    for k, v in shown.items())
 
 
 def run_tags(resolved: dict, role: str, sweep: str, commit: str) -> dict:

@@ -96,7 +96,8 @@ class Trial:
             self.state = json.loads((self.work / STATE).read_text())
         self.mlflow = tracking.client(context["mlflow_uri"])
         self.trial_id = tune.get_context().get_trial_id()
-        self.config_run = self._open(self.trial_id, context["parent_run_id"], "trial", resolved,
+        self.name = tracking.run_name(resolved, values)
+        self.config_run = self._open(self.name, context["parent_run_id"], "trial", resolved,
                                      {tracking.TRIAL_ID: self.trial_id})
         runtime = ray.get_runtime_context()
         self.config_run.set_tags({tracking.SEARCHED: json.dumps(values), tracking.NODE: runtime.get_node_id(),
@@ -105,7 +106,7 @@ class Trial:
         if self.multi:
             params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
             params["seeds"] = self.seeds
-        self.config_run.log_params({**params, **tracking.threat_model(resolved)})
+        self.config_run.log_params(tracking.run_params(params))
         for run_id, pending in self.state.pop("pending", {}).items():  # buffered when the trial stopped
             unsent = tracking.RunLog(self.mlflow, run_id)
             unsent.pending = tracking.not_yet_sent(self.mlflow, run_id, pending)  # a failed attempt flushed
@@ -133,9 +134,9 @@ class Trial:
                 seed_config = set_dotted(self.resolved, "train.seed", seed)
                 if self.multi:
                     self.current = self._open(
-                        f"{self.trial_id}-seed{seed}", self.config_run.run_id, "seed", seed_config,
+                        f"{self.name} seed {seed}", self.config_run.run_id, "seed", seed_config,
                         {tracking.TRIAL_ID: self.trial_id, tracking.SEED: seed})
-                    self.current.log_params({**seed_config, **tracking.threat_model(seed_config)})
+                    self.current.log_params(tracking.run_params(seed_config))
                 result = self._train(seed_config, self.current)
                 self.current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
                 self.current.log_files(tracking.result_files(seed_config, result, self.work / TRAIN_DIR))
