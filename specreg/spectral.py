@@ -247,8 +247,8 @@ class OperatorNorm(nn.Module):
             steps = COLD_MAX_STEPS if converge else self.n_power_iterations if update else 0
             u, v, sigma, settled = _power(*self._operator(w), v, steps, converge=converge)
             if converge and not settled:
-                warnings.warn(f"{self.layer}: power iteration stopped unconverged at its cap of {steps} steps "
-                              "(close top singular values): σ_max may be low and its gradient off", RuntimeWarning)
+                warnings.warn(f"{self.layer}: power iteration stopped unconverged at its cap of {steps} steps (close "
+                              "top singular values): σ_max may be slightly low and its gradient off", RuntimeWarning)
             if steps:
                 self.v.copy_(torch.view_as_real(v) if self.kind == "fft" else v)
                 self.initialized.fill_(True)
