@@ -100,7 +100,8 @@ def relocate_artifacts(path: Path) -> None:
             "WHERE key = ?", (SWEEP,))}
         moved = recorded - {root}
         if moved and not (path.parent / ARTIFACT_DIR).is_dir():
-            raise BadInput(f"--mlflow: the store {path} keeps its artifacts in {', '.join(sorted(moved))}, and "
+            folders = ", ".join(sorted(m.removeprefix("file://") for m in moved))
+            raise BadInput(f"--mlflow: the store {path} keeps its artifacts in {folders}, and "
                            f"there is no {ARTIFACT_DIR}/ beside it: copy the store's folder with its "
                            f"{ARTIFACT_DIR}/, or point --mlflow at the original store")
         for old in moved:

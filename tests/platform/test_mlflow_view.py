@@ -1,0 +1,120 @@
+"""What a user sees of a sweep in MLflow and on the terminal (issue 15, items 4 and 5): a quiet start, an
+experiment of MLflow's training kind, readable run names, only the params a trial used, the sweep's
+description, and a store that still works after it was copied or moved."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from specreg_platform import results, tracking
+
+from platform_helpers import TINY_BASE, cli, tiny_space, write_yaml
+
+pytestmark = pytest.mark.integration
+
+DESCRIPTION = "Which regularizer, and where, on digits."
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A 3-trial grid sweep (none, rep-spectral on upto:1, spectral-decay), run as the real command in its
+    own process, so that it starts its own local Ray instance as a user's does (about 40 s on 2 cores)."""
+    folder = tmp_path_factory.mktemp("store")
+    space = tiny_space("view", description=DESCRIPTION, sampler={"name": "grid"}, search={
+        "regularizer.kind": {"choice": ["none", "rep-spectral", "spectral-decay"]},
+        "regularizer.strength": {"choice": [0.01], "when": {"regularizer.kind": ["rep-spectral", "spectral-decay"]}},
+        "regularizer.target_exponent": {"choice": [1.5], "when": {"regularizer.kind": ["spectral-decay"]}},
+        "regularizer.placement": {"choice": ["upto:1"], "when": {"regularizer.kind": ["rep-spectral"]}}})
+    space["base"] = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 1}}
+    space.pop("samples")
+    write_yaml(folder / "space.yaml", space)
+    done = subprocess.run([sys.executable, "-c", "from specreg_platform.cli import main; main()", "sweep",
+                           "space.yaml"], cwd=folder, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+                              "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    mlflow = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
+    sweep = results.find_sweep(mlflow, "view")
+    runs = {r.info.run_id: r for r in mlflow.search_runs([sweep.experiment_id])}
+    trials = {json.loads(r.data.tags[tracking.SEARCHED])["regularizer.kind"]: r for r in runs.values()
+              if r.data.tags[tracking.ROLE] == "trial"}
+    return {"folder": folder, "output": done.stdout + done.stderr, "mlflow": mlflow, "sweep": sweep,
+            "trials": trials, "parent": runs[sweep.parent_run_id]}
+
+
+def test_the_sweep_starts_without_ray_noise(swept):
+    """No token-auth warning for the local instance Ray starts, no Tune settings table or TensorBoard hint."""
+    for noise in ("Token authentication", "TensorBoard", "View detailed results", "Configuration for experiment"):
+        assert noise not in swept["output"], swept["output"]
+    assert "sweep view done" in swept["output"]
+
+
+def test_the_experiment_is_of_the_training_kind_and_trials_have_readable_names(swept):
+    experiment = swept["mlflow"].get_experiment(swept["sweep"].experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {kind: run.info.run_name for kind, run in swept["trials"].items()}
+    assert names == {"none": "none", "rep-spectral": "rep-spectral λ=0.01 upto:1",
+                     "spectral-decay": "spectral-decay λ=0.01 feature α=1.5"}
+
+
+def test_a_trial_logs_only_the_params_its_regularizer_uses_as_runs_shows_them(swept):
+    params = {kind: run.data.params for kind, run in swept["trials"].items()}
+    assert [k for k in params["none"] if k.startswith("regularizer.")] == ["regularizer.kind"]
+    assert "regularizer.target_exponent" not in params["rep-spectral"]
+    assert params["rep-spectral"]["regularizer.placement"] == "upto:1"
+    assert params["spectral-decay"]["regularizer.target_exponent"] == "1.5"
+    listed = cli("runs", "view", "--format", "json", "--mlflow", swept["folder"] / "mlruns.db")
+    assert listed.exit_code == 0, listed.output
+    shown = {row["regularizer.kind"]: row for row in json.loads(listed.output)}
+    for kind, row in shown.items():  # runs shows a placement exactly where MLflow has one, the same one
+        assert row["regularizer.placement"] == params[kind].get("regularizer.placement"), kind
+
+
+def test_the_sweep_run_describes_the_space_and_its_result(swept):
+    note = swept["parent"].data.tags["mlflow.note.content"]
+    assert note.startswith(DESCRIPTION)
+    assert "trials: 3 (3 finished)" in note and "clean_acc" in note
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_copied_store_reads_and_writes_only_its_own_artifacts(swept, tmp_path):
+    original = swept["folder"]
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("specreg-runs"))
+    before = _snapshot(original)
+    result = cli("report", "view", "--mlflow", copy / "mlruns.db", "--out", tmp_path / "report", "--format", "md")
+    assert result.exit_code == 0, result.output
+    assert _snapshot(original) == before  # the original folder is untouched
+    assert list((copy / tracking.ARTIFACT_DIR).rglob("report/*.png"))  # the figures went into the copy's
+
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved, ignore=shutil.ignore_patterns("specreg-runs"))
+    hidden = original.with_name(original.name + "-gone")
+    original.rename(hidden)
+    try:  # the original is gone: export and report work from the moved store alone
+        result = cli("export", "view", "--out", tmp_path / "export", "--mlflow", moved / "mlruns.db")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "export" / "best.yaml").is_file()
+        result = cli("report", "view", "--mlflow", moved / "mlruns.db", "--out", tmp_path / "report2")
+        assert result.exit_code == 0, result.output
+    finally:
+        hidden.rename(original)
+
+
+def test_a_store_copied_without_its_artifacts_is_refused_naming_the_folder(swept, tmp_path):
+    (tmp_path / "lone").mkdir()
+    shutil.copy(swept["folder"] / "mlruns.db", tmp_path / "lone" / "mlruns.db")
+    for args in (["export", "view", "--out", tmp_path / "out"], ["report", "view", "--out", tmp_path / "out"]):
+        result = cli(*args, "--mlflow", tmp_path / "lone" / "mlruns.db")
+        assert result.exit_code == 2, result.output
+        said = "".join(result.output.split())  # as one line, whatever the console wrapped
+        assert str(swept["folder"] / tracking.ARTIFACT_DIR) in said and "nomlartifacts/besideit" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lone"]  # no output folder
