@@ -81,7 +81,7 @@ def test_linear_boundary_distances_are_near_exact(name):
     result = attacks.run(model, x, y, name, 2000, progress=False)
     exact = model.exact(x)
     ratio = result.distances / exact
-    assert ratio.median() <= 1.05
+    assert ratio.quantile(0.9) <= 1.05 and ratio.max() <= 1.1  # attack seeds 0-3: q90 ≤ 1.039, max ≤ 1.056
     assert (result.distances >= exact - 1e-6).all()
     assert (result.queries <= 2000).all()
 
@@ -94,7 +94,8 @@ def test_noise_side_classifier_still_gets_finite_distances(name):
     exact = model.exact(x)
     assert torch.isfinite(result.distances).all()
     assert (result.distances >= exact - 1e-6).all()
-    assert (result.distances / exact).median() <= 1.1
+    ratio = result.distances / exact
+    assert ratio.quantile(0.9) <= 1.05 and ratio.max() <= 1.1  # attack seeds 0-3: q90 ≤ 1.037, max ≤ 1.044
     class0 = [kind for kind, label in zip(result.start, y) if label == 0]
     assert set(class0) <= {"nearest", "pool"}
 
