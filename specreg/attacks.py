@@ -19,7 +19,10 @@ then the nearest differently-predicted example of the attacked batch and of an o
 candidate are both binary-searched to the boundary, and the closer boundary point is the start (a far
 noise image often crosses the boundary nearer than a close example of another class, notably in small
 batches). The pool's predictions are a shared one-off cost, reported as `pool_queries` rather than
-charged to any sample.
+charged to any sample. A sample that none of these reach (e.g. a batch of one predicted class whose
+noise all lands in that class) keeps drawing rounds of wider candidates (uniform noise, Gaussian noise
+about the input at scales from 1e-3 to 1, random box corners, blends toward them) until one is
+adversarial or its budget is spent (`START_QUERIES` without a budget); only then is it a start failure.
 """
 import math
 import numbers
@@ -44,7 +47,22 @@ DEFAULTS = {
     "batch_size": None,       # rows per forward pass; None: CPU_BATCH on a CPU, 8192 on an accelerator
     "progress": None,         # tqdm bar; None: only for long runs on a terminal
 }
-START_KINDS = ("none", "noise", "blend", "nearest", "pool", "misclassified")
+START_KINDS = ("none", "noise", "blend", "nearest", "pool", "misclassified", "gaussian", "corner")
+# Where the first draw and the data give a sample no start, further rounds draw START_ROUND candidates per
+# sample, interleaving these families (so a round cut short by the budget still tries each): uniform noise,
+# the input plus Gaussian noise of a log-uniform scale in [1e-3, 1] per pixel, a box corner (each pixel 1
+# with a probability drawn per corner: dark to bright images) and a blend of the input toward noise or a
+# corner by a uniform factor. Rounds go on until the sample has a start or its budget is spent. Stopping at
+# a fraction of the budget would not leave the attack more room: a sample without a start cannot use its
+# queries, and a sample found before such a cut is attacked the same either way, so a cut would only turn
+# the later finds into inf. A late start gets the room that is left (at worst its candidate, unsearched:
+# still a valid upper bound on the distance).
+START_FAMILIES = ("noise", "gaussian", "corner", "blend")
+START_ROUND = 16
+# Without a budget (max_queries None: the iterations mode) the rounds stop once a sample has spent this many
+# queries: foolbox's HopSkipJump tries up to 1,000 noise images, ART's 100; next to the attack it enables
+# (the authors' 40 iterations ask about 17,800 per sample) it is cheap.
+START_QUERIES = 1000
 MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
 UNLIMITED = 2 ** 62  # the per-sample budget when max_queries is None
 MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
@@ -288,7 +306,9 @@ def _start(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts, steps):
 def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
     """Per sample of `todo`, up to two adversarial candidates (k, 2, d) with their START_KINDS codes and
     count: the closest noise or blend image (queried), then the closest differently-predicted example of
-    the batch or the pool (free). Slots are packed: a sample with one candidate has it first."""
+    the batch or the pool (free); for samples with neither, the closest hit of further rounds of wider
+    draws (_draw_starts), until one is found or the budget is spent. Slots are packed: a sample with one
+    candidate has it first."""
     k, d = len(todo), x0.shape[1]
     xt, yt = x0[todo], y[todo]
     best = torch.full((k, 2), math.inf, device=x0.device)
@@ -316,9 +336,44 @@ def _starting_points(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts):
         if labels is not None and k:
             j, dist = _nearest(xt, yt, points, labels, oracle.batch_size)
             offer(1, rows, points[j], dist, name)
+
+    # A stream of its own, seeded from the attack's: the attack's own draws are not moved by these rounds,
+    # so a run that needs none, or whose rounds find nothing, is what it was without them.
+    spare = torch.Generator(x0.device).manual_seed(gen.initial_seed() + 1)
+    stop = START_QUERIES if oracle.max_queries == UNLIMITED else oracle.max_queries
+    family = torch.arange(START_ROUND, device=x0.device) % len(START_FAMILIES)
+    rest = rows[(kind == 0).all(1)]
+    while True:
+        room = stop - oracle.queries[todo[rest]]
+        rest, room = rest[room > 0], room[room > 0]
+        if len(rest) == 0:
+            break
+        cand = _draw_starts(xt[rest], spare)
+        hit, _ = oracle.ask(cand, todo[rest], room)
+        for f, name in enumerate(START_FAMILIES):
+            offer(0, rest, *_closest(xt[rest], cand, hit & (family == f)), name)
+        rest = rest[~hit.any(1)]
+
     swap = (kind[:, 0] == 0) & (kind[:, 1] != 0)
     starts[swap], kind[swap] = starts[swap].flip(1), kind[swap].flip(1)
     return starts, kind, (kind != 0).sum(1)
+
+
+def _draw_starts(x, gen):
+    """START_ROUND candidate starts (k, START_ROUND, d) per row of x, the START_FAMILIES interleaved."""
+    k, d = x.shape
+    each = START_ROUND // len(START_FAMILIES)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, device=x.device, dtype=x.dtype)
+
+    noise = rand(k, each, d)
+    scale = 10 ** (3 * rand(k, each, 1) - 3)
+    gaussian = torch.randn(k, each, d, generator=gen, device=x.device, dtype=x.dtype)
+    gaussian = torch.addcmul(x[:, None], scale, gaussian).clamp_(0, 1)
+    corner = (rand(k, each, d) < rand(k, each, 1)).to(x.dtype)
+    blend = torch.lerp(x[:, None], torch.where(rand(k, each, 1) < 0.5, noise, corner), rand(k, each, 1))
+    return torch.stack([noise, gaussian, corner, blend], 2).flatten(1, 2)
 
 
 def _closest(x, points, ok):
