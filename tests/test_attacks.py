@@ -105,8 +105,8 @@ def test_start_kinds_noise_blend_pool_none():
     one, zero = x[y == 1][:1], x[y == 0][:1]
     ones, zeros = torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     assert attacks.run(model, one, ones, "boundary-search", 100).start == ["noise"]
-    alone = attacks.run(model, zero, zeros, "boundary-search", 100)
-    assert alone.start == ["none"] and alone.distances[0] == math.inf
+    alone = attacks.run(model, zero, zeros, "boundary-search", 100)  # noise never crosses: the wider draws do
+    assert alone.start[0] in ("gaussian", "corner", "blend") and alone.distances[0] >= model.exact(zero)[0] - 1e-6
     pooled = attacks.run(model, zero, zeros, "boundary-search", 100, start_pool=x[y == 1][1:5])
     assert pooled.start == ["pool"] and math.isfinite(pooled.distances[0]) and pooled.pool_queries == 4
     dark = torch.full((1, 64), 0.2)

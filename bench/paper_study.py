@@ -1,0 +1,291 @@
+"""Yang et al.'s Fashion-MNIST experiment through the `specreg` command, and the tables and figures of its results.
+
+    python bench/paper_study.py run [--resume]   # the sweeps (hours on a 2-core CPU; --resume continues them)
+    python bench/paper_study.py tables           # docs/figures/paper-fmnist-slp/: tables.md and figures, from MLflow
+
+`search_spaces/paper_fmnist_slp.yaml` states the authors' recipe (docs/paper_recipe.md maps it line by line);
+`search_spaces/paper_fmnist_slp_dose.yaml` adds λ = 1e-2 and 10 / 20 regularized epochs on one seed. Every
+number in the tables is read from the MLflow store the sweeps fill (`--mlflow`, default ./studies.db).
+
+Statistics. The unit of replication is the seed (one network per arm and seed). Per arm: mean ± the 95%
+t-interval over seeds. Against `none`: the per-seed paired difference, a 95% bootstrap interval that resamples
+seeds and, within each seed, the attacked points (so it carries both the seed-to-seed and the attack-sample
+noise; with one seed only the latter), a paired t-test over seeds with Holm's correction across the arms,
+and the smallest difference the seeds could detect (two-sided α = 0.05, power 0.8: (t₀.₉₇₅ + t₀.₈)·sd/√n).
+"""
+import argparse
+import io
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN, DOSE = "paper-fmnist-slp", "paper-fmnist-slp-dose"
+OUT = ROOT / "docs" / "figures" / MAIN
+EPS_TABLE = (0.5, 1.0, 2.0)
+EPS_GRID = np.linspace(0, 3, 301)
+BOOTSTRAP = 10_000
+ARMS = ("none", "rep-spectral + activation term", "rep-spectral", "all-layer-spectral")
+
+
+def arm(params: dict) -> str:
+    kind = params["regularizer.kind"]
+    if kind == "rep-spectral" and params.get("regularizer.activation_term") == "True":
+        return "rep-spectral + activation term"
+    return kind
+
+
+def steps(mlflow: str, storage: str, resume: bool) -> list[list[str]]:
+    more = ["--resume"] if resume else []
+    return [["sweep", f"search_spaces/{name.replace('-', '_')}.yaml", "--mlflow", mlflow, "--storage", storage, *more]
+            for name in (MAIN, DOSE)]
+
+
+def run(mlflow: str, storage: str, resume: bool) -> None:
+    for step in steps(mlflow, storage, resume):
+        print("$ specreg " + " ".join(step), flush=True)
+        subprocess.run(["specreg", *step], cwd=ROOT, check=True)
+
+
+# --- reading the store ---------------------------------------------------------------------------------------
+
+def networks(client, sweep: str) -> list[dict]:
+    """One record per finished trial: seed, arm, λ, epochs, final metrics, attacked-point distances, seconds."""
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return []
+    out = []
+    for run in client.search_runs([experiment.experiment_id], "tags.`specreg.role` = 'trial'"):
+        if run.info.status != "FINISHED" or "adv_auc" not in run.data.metrics:
+            continue
+        params = run.data.params
+        local = client.download_artifacts(run.info.run_id, "distances.npy")
+        seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+        out.append({"run_id": run.info.run_id, "seed": int(params["train.seed"]), "arm": arm(params),
+                    "strength": float(params["regularizer.strength"]), "epochs": int(params["train.epochs"]),
+                    "burnin": int(float(params["regularizer.burnin"])), "metrics": run.data.metrics,
+                    "distances": np.load(local), "epoch_seconds": seconds,
+                    "burnin_tag": run.data.tags.get("specreg.burnin")})
+    return sorted(out, key=lambda r: (r["seed"], ARMS.index(r["arm"]) if r["arm"] in ARMS else 9))
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+def robust_curve(distances: np.ndarray, grid=EPS_GRID) -> np.ndarray:
+    """Robust accuracy among the attacked (correctly classified) points at each ε of grid."""
+    return (distances[:, None] > grid[None]).mean(0)
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and the 95% t-interval's half-width over seeds (nan with one seed)."""
+    from scipy import stats
+
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def point_statistic(name: str):
+    """The statistic of one network's attacked-point distances that a metric name stands for."""
+    if name == "median distance":
+        return lambda d: float(np.median(d))
+    if name == "AUC (ε ≤ 3)":
+        return lambda d: float(np.mean(np.minimum(d, 3.0)) / 3.0)
+    eps = float(name.split("=")[1])
+    return lambda d: float(np.mean(d > eps))
+
+
+def paired(base: list[dict], other: list[dict], name: str, rng) -> dict:
+    """Paired difference other − base over the seeds both have, on a point statistic of the distances."""
+    stat = point_statistic(name)
+    pairs = [(b["distances"], o["distances"]) for b in base for o in other if b["seed"] == o["seed"]]
+    diffs = np.array([stat(o) - stat(b) for b, o in pairs])
+    n = len(pairs)
+    boot = np.empty(BOOTSTRAP)
+    for i in range(BOOTSTRAP):
+        picked = rng.integers(0, n, n)
+        boot[i] = np.mean([stat(rng.choice(pairs[j][1], len(pairs[j][1]))) - stat(rng.choice(pairs[j][0], len(pairs[j][0])))
+                           for j in picked])
+    result = {"n": n, "mean": float(diffs.mean()), "low": float(np.quantile(boot, 0.025)),
+              "high": float(np.quantile(boot, 0.975)), "p": math.nan, "mde": math.nan}
+    if n >= 2:
+        from scipy import stats
+
+        sd = diffs.std(ddof=1)
+        result["p"] = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else math.nan
+        result["mde"] = float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n))
+    return result
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment (nan p-values are left out and stay nan)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+# --- tables and figures ------------------------------------------------------------------------------------
+
+def fmt(mean, half, scale=1.0, digits=3):
+    text = f"{scale * mean:.{digits}g}" if scale == 1 else f"{scale * mean:.1f}"
+    return text if math.isnan(half) else text + (f" ± {half:.{digits}g}" if scale == 1 else f" ± {scale * half:.1f}")
+
+
+def arm_table(records: list[dict]) -> str:
+    rows = ["| arm | seeds | clean acc (%) | median distance | robust acc ε=0.5 (%) | ε=1 (%) | ε=2 (%) | "
+            "ε=1, all points (%) | AUC | Σσ² (features) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ARMS:
+        group = [r for r in records if r["arm"] == name]
+        if not group:
+            continue
+        m = lambda key: t_interval([r["metrics"][key] for r in group])  # noqa: E731
+        cells = [fmt(*m("clean_acc"), 100), fmt(*m("adv_dist_median_correct")),
+                 *(fmt(*m(f"adv_acc_correct_eps_{e}"), 100) for e in EPS_TABLE), fmt(*m("adv_acc_eps_1.0"), 100),
+                 fmt(*m("adv_auc")), fmt(*m("sigma_sq_sum"))]
+        rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def signed(value: float, scale: float) -> str:
+    return f"{scale * value:+.3g}" if scale == 1 else f"{scale * value:+.1f}"
+
+
+def pvalue(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3g}"
+
+
+def difference_table(records: list[dict], rng) -> str:
+    base = [r for r in records if r["arm"] == "none"]
+    names = ["median distance", "robust ε=0.5", "robust ε=1.0", "robust ε=2.0", "AUC (ε ≤ 3)"]
+    rows = ["| arm − none | statistic | seeds | difference | 95% bootstrap interval | p (paired t) | Holm p | "
+            "smallest detectable |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        results = [(a, paired(base, [r for r in records if r["arm"] == a], name, rng)) for a in ARMS[1:]
+                   if any(r["arm"] == a for r in records)]
+        adjusted = holm([res["p"] for _, res in results])
+        scale = 1 if name == "median distance" else 100
+        for (a, res), p_holm in zip(results, adjusted):
+            if res["n"] == 0:
+                continue
+            mde = "—" if math.isnan(res["mde"]) else f"{scale * res['mde']:.3g}"
+            rows.append(f"| {a} | {name} | {res['n']} | {signed(res['mean'], scale)} | "
+                        f"[{signed(res['low'], scale)}, {signed(res['high'], scale)}] | {pvalue(res['p'])} | "
+                        f"{pvalue(p_holm)} | {mde} |")
+    return "\n".join(rows)
+
+
+def convergence_table(records: list[dict]) -> str:
+    rows = ["| seed | arm | queries (10 / 20 / 40 it.) | median distance (10 / 20 / 40 it.) | 20 → 40 | "
+            "robust ε=1 (%) (10 / 20 / 40 it.) |", "|---|---|---|---|---|---|"]
+    for r in records:
+        m = r["metrics"]
+        if "iter20/adv_dist_median_correct" not in m:
+            continue
+        med = [m["iter10/adv_dist_median_correct"], m["iter20/adv_dist_median_correct"], m["adv_dist_median_correct"]]
+        queries = [m["iter10/attack_queries_mean"], m["iter20/attack_queries_mean"], m["attack_queries_mean"]]
+        acc = [m["iter10/adv_acc_correct_eps_1.0"], m["iter20/adv_acc_correct_eps_1.0"], m["adv_acc_correct_eps_1.0"]]
+        rows.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
+                    f"{' / '.join(f'{v:.4f}' for v in med)} | {100 * (med[2] / med[1] - 1):+.2f}% | "
+                    f"{' / '.join(f'{100 * v:.1f}' for v in acc)} |")
+    return "\n".join(rows)
+
+
+def time_table(records: list[dict]) -> str:
+    rows = ["| seed | arm | prefix epochs (s, shared) | own epochs (s) | attack (s) | attack rows / s |",
+            "|---|---|---|---|---|---|"]
+    for r in records:
+        prefix, own = r["epoch_seconds"][:r["burnin"]], r["epoch_seconds"][r["burnin"]:]
+        queries = r["metrics"]["attack_queries_mean"] * r["metrics"]["attack_samples"]
+        rows.append(f"| {r['seed']} | {r['arm']} | {sum(prefix):,.0f} | {sum(own):,.0f} | "
+                    f"{r['metrics']['attack_seconds']:,.0f} | {queries / r['metrics']['attack_seconds']:,.0f} |")
+    return "\n".join(rows)
+
+
+def robust_figure(records: list[dict], path: Path) -> None:
+    """Robust accuracy among correctly classified points against ε, per arm: the seed mean, and a band
+    spanning the seeds (with one seed, the 95% binomial interval of its attacked points)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"none": "#000000", "rep-spectral + activation term": "#E69F00", "rep-spectral": "#0072B2",
+              "all-layer-spectral": "#009E73"}  # Okabe-Ito
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    for name in ARMS:
+        curves = np.array([robust_curve(r["distances"]) for r in records if r["arm"] == name])
+        if not len(curves):
+            continue
+        mean = curves.mean(0)
+        if len(curves) > 1:
+            low, high = curves.min(0), curves.max(0)
+        else:
+            half = 1.96 * np.sqrt(mean * (1 - mean) / len(records[0]["distances"]))
+            low, high = mean - half, mean + half
+        ax.plot(EPS_GRID, 100 * mean, color=colors[name], label=f"{name} (n={len(curves)})")
+        ax.fill_between(EPS_GRID, 100 * low, 100 * high, color=colors[name], alpha=0.2, linewidth=0)
+    ax.set(xlabel="ε (L2, pixels in [0, 1])", ylabel="robust accuracy among correct points (%)", ylim=(0, 100),
+           title="F-MNIST SLP-2000, authors' recipe; TangentAttack, 40 iterations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from specreg_platform import tracking
+
+    client = MlflowClient(tracking.resolve_uri(mlflow))
+    rng = np.random.default_rng(0)
+    records = networks(client, sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    seeds = sorted({r["seed"] for r in records})
+    text.write(f"# {sweep}: the tables\n\nGenerated by `python bench/paper_study.py tables` from `{mlflow}`; "
+               f"{len(records)} networks finished, seeds {seeds}.\n\n")
+    text.write("## Per arm (mean ± 95% t half-width over seeds; robust accuracies among correctly classified "
+               "points unless marked)\n\n" + arm_table(records) + "\n\n")
+    text.write("## Against none (paired by seed)\n\n" + difference_table(records, rng) + "\n\n")
+    text.write("## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n")
+    text.write("## Where the time went\n\n" + time_table(records) + "\n")
+    dose = networks(client, DOSE) if sweep == MAIN else []
+    if dose:
+        rows = ["| λ | regularized epochs | arm | median distance | robust ε=1 (%) | clean (%) |", "|---|---|---|---|---|---|"]
+        for r in sorted(dose + [r for r in records if r["seed"] == dose[0]["seed"]],
+                        key=lambda r: (r["arm"], r["strength"], r["epochs"])):
+            m = r["metrics"]
+            rows.append(f"| {r['strength']:g} | {r['epochs'] - r['burnin']} | {r['arm']} | "
+                        f"{m['adv_dist_median_correct']:.4f} | {100 * m['adv_acc_correct_eps_1.0']:.1f} | "
+                        f"{100 * m['clean_acc']:.1f} |")
+        text.write("\n## Dose and time (one seed)\n\n" + "\n".join(rows) + "\n")
+    if records:
+        robust_figure(records, out / "robust_vs_eps.png")
+    (out / "tables.md").write_text(text.getvalue())
+    return text.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["run", "tables"])
+    parser.add_argument("--mlflow", default="studies.db", help="MLflow store (default ./studies.db)")
+    parser.add_argument("--storage", default="specreg-studies", help="Ray results folder")
+    parser.add_argument("--resume", action="store_true", help="continue the sweeps")
+    parser.add_argument("--sweep", default=MAIN, help=f"the sweep to tabulate (default {MAIN})")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for tables.md and the figure")
+    args = parser.parse_args()
+    if args.what == "run":
+        run(args.mlflow, args.storage, args.resume)
+    else:
+        print(tables(args.mlflow, args.sweep, args.out))
+
+
+if __name__ == "__main__":
+    main()
