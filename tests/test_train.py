@@ -148,6 +148,20 @@ def test_shared_burnin_prefix_equals_training_from_scratch(tmp_path, kind):
     assert cached["sigma/features.2"] == pytest.approx(scratch["sigma/features.2"], rel=1e-5)
 
 
+def test_logging_sigma_leaves_spectral_norm_training_unchanged(tmp_path):
+    """σ logged after every epoch (eval_every=1) or only after the last: the trained weights and torch's
+    own power-iteration vectors are the same bit for bit."""
+    trained = []
+    for eval_every in (1, 4):
+        cfg = config("spectral-norm", epochs=4)
+        cfg["train"]["eval_every"] = eval_every
+        specreg.run_experiment(cfg, checkpoint_dir=tmp_path / str(eval_every))
+        trained.append(specreg.load_checkpoint(tmp_path / str(eval_every))["model"])
+    assert any("parametrizations" in key for key in trained[0])
+    for key, value in trained[0].items():
+        assert torch.equal(value, trained[1][key]), key
+
+
 def test_checkpoints_hold_plain_tensors_only(tmp_path):
     specreg.run_experiment(config("rep-spectral", epochs=1), checkpoint_dir=tmp_path)
     state = specreg.load_checkpoint(tmp_path)  # weights_only=True inside
