@@ -5,8 +5,12 @@ run settings. `load_space` checks all of it (with `specreg.validate_config` on t
 searched value substituted) before anything is started, and raises `BadInput` naming the key.
 """
 import copy
+import difflib
+import inspect
 import json
+import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -293,18 +297,27 @@ class SweepSpec(Strict):
         return list(self.seeds) if self.seeds else [resolved["train"]["seed"]]
 
     def num_samples(self) -> int:
+        """The trials to run: `samples` (default: every grid point, else 16), and no more than the distinct
+        configs of a space of listed values (no config runs twice)."""
         if self.sampler.name == "grid":
             points = len(self.grid_points())
             return min(self.samples or points, points)
-        return self.samples or 16
+        wanted = self.samples or 16
+        if all(p.finite for p in self.search.values()) and math.prod(len(p.values) for p in self.search.values()) <= wanted:
+            return min(wanted, len(self.grid_points()))  # the product bounds the count: list only small spaces
+        return wanted
 
     def smoke(self) -> "SweepSpec":
         """Two trials of one epoch with a tiny attack: a check that the file runs."""
         base = set_dotted(self.base, "train.epochs", 1)
+        if base.get("regularizer", {}).get("burnin", 0) >= 1:  # a burn-in in epochs: 1, then 1 regularized
+            base = set_dotted(set_dotted(base, "train.epochs", 2), "regularizer.burnin", 1)
         attack = base.get("attack")
         if attack:
             base = set_dotted(base, "attack.samples", min(attack.get("samples", 20), 20))
-            base = set_dotted(base, "attack.max_queries", min(attack.get("max_queries", 200), 200))
+            base = set_dotted(base, "attack.max_queries", min(attack.get("max_queries") or 200, 200))
+            if attack.get("iterations") is not None:
+                base = set_dotted(base, "attack.iterations", min(attack["iterations"], 2))
         return self.model_copy(update={
             "name": f"{self.name}-smoke", "base": base, "samples": 2, "scheduler": Scheduler(),
             "seeds": self.seeds[:1] if self.seeds else None})
@@ -339,13 +352,92 @@ def is_reported(metric: str, resolved_base: dict) -> bool:
     return metric in reported_metrics(resolved_base) or metric.startswith("sigma/")
 
 
+def did_you_mean(word, choices) -> str:
+    """` (did you mean 'x'?)` where one of choices is close to word (difflib), else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(key: str, value, what: str, allowed) -> BadInput:
+    return BadInput(f"{key} = {value!r}: unknown {what}{did_you_mean(key.split('.')[-1], allowed)}; "
+                    f"allowed: {', '.join(sorted(map(str, allowed)))}")
+
+
+def _submodel(annotation):
+    """The pydantic model inside a field's annotation (through Optional and Union), or None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def check_keys(config: dict, model=None, prefix: str = "") -> None:
+    """Refuse a key that the config's schema forbids, suggesting the closest valid one; the blocks whose
+    keys the schema passes through are checked against the library's registries (`check_options`)."""
+    import specreg.config
+
+    model = model or specreg.config.ExperimentConfig
+    for key, value in config.items():
+        field = model.model_fields.get(key)
+        if field is None and model.model_config.get("extra") == "forbid":
+            raise _unknown(prefix + key, value, "key", model.model_fields)
+        if field is not None and isinstance(value, dict) and _submodel(field.annotation):
+            check_keys(value, _submodel(field.annotation), f"{prefix}{key}.")
+            check_options(f"{prefix}{key}", _submodel(field.annotation), value)
+
+
+def check_options(key: str, model, block: dict) -> None:
+    """A dataset, model or attack block against the datasets, the model builders' parameters and the
+    attack options the library registers (a missing or mistyped name is left to the schema)."""
+    import specreg.attacks
+    import specreg.config
+    import specreg.data
+    import specreg.models
+
+    name = block.get("name")
+    if model is specreg.config.DataSpec and isinstance(name, str):
+        if name not in specreg.data.DATASETS:
+            raise BadInput(f"{key}.name = {name!r}: unknown dataset{did_you_mean(name, specreg.data.DATASETS)}; "
+                           f"datasets: {', '.join(sorted(specreg.data.DATASETS))}")
+        allowed = specreg.data.COMMON_KEYS | specreg.data.DATASETS[name].keys
+        what = f"key for dataset {name!r}"
+    elif model is specreg.config.ModelSpec and name in specreg.models.MODELS:
+        allowed = {"name", *list(inspect.signature(specreg.models.MODELS[name]).parameters)[2:]}
+        what = f"option of model {name!r}"  # the builder's parameters after (input_shape, num_classes)
+    elif model is specreg.config.AttackSpec:
+        allowed = {*model.model_fields, *specreg.attacks.DEFAULTS}
+        what = "attack option"
+    else:
+        return
+    for option in sorted(block.keys() - allowed):
+        raise _unknown(f"{key}.{option}", block[option], what, allowed)
+
+
+def check_attack(resolved: dict) -> None:
+    """The attack options' values, as the attack itself checks them before its first query."""
+    import specreg.attacks
+    import specreg.config
+
+    attack = resolved.get("attack")
+    if attack:
+        options = {k: v for k, v in attack.items() if k not in specreg.config.AttackSpec.model_fields}
+        try:
+            specreg.attacks.validate(attack["name"], attack["max_queries"], options)
+        except ValueError as error:
+            raise BadInput(f"attack: {error}") from None
+
+
 def _validated(config: dict, where: str) -> dict:
+    """The resolved config; BadInput naming where, the key, the value and the closest valid key."""
     import specreg
 
     try:
-        return specreg.validate_config(config)
-    except specreg.ConfigError as error:
+        check_keys(config)
+        resolved = specreg.validate_config(config)
+        check_attack(resolved)
+    except (specreg.ConfigError, BadInput) as error:
         raise BadInput(f"{where}: {error}") from None
+    return resolved
 
 
 def check(spec: SweepSpec) -> dict:

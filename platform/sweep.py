@@ -16,16 +16,19 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from . import results, tracking
 from .errors import BadInput
 from .monitor import SweepMonitor
 from .space import SweepSpec, check_name, load_space
-from .trainable import CONTEXT, FINAL, run_trial
+from .trainable import CONTEXT, ERROR, FINAL, OUTCOME, run_trial
 
 CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --resume needs
 CACHE_DIR = "burnin-cache"
+REPEAT = "specreg_repeat"   # Optuna user attribute of an asked config that an earlier trial already had
+MAX_ASKS = 1000             # asks for a new config before the searcher stops (the space is used up)
 
 
 def through_client(address: str | None) -> bool:
@@ -109,8 +112,28 @@ def make_sampler(spec: SweepSpec):
 
 
 class SweepSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna an early-stopped trial was pruned (not complete with a truncated
-    value), and records a trial that errored, was marked FAIL, and then finished after --resume."""
+    """OptunaSearch that never suggests a config twice, tells Optuna an early-stopped trial was pruned (not
+    complete with a truncated value), and records a trial that errored, was marked FAIL, and then finished
+    after --resume."""
+
+    def suggest(self, trial_id):
+        """A config no earlier trial had. A repeat is told to Optuna as a failed trial marked REPEAT, and a
+        random draw replaces it: the sampler's model has not changed, so it would propose the same again."""
+        sampler = self._ot_study.sampler
+        try:
+            for _ in range(MAX_ASKS):
+                config = super().suggest(trial_id)
+                asked = self._ot_trials[trial_id]
+                if not any(t.params == asked.params for t in self._ot_study.get_trials(deepcopy=False)
+                           if t.number != asked.number and not t.user_attrs.get(REPEAT)):
+                    return config
+                asked.set_user_attr(REPEAT, True)
+                self._ot_study.tell(asked, state=optuna.trial.TrialState.FAIL)
+                del self._ot_trials[trial_id]
+                self._ot_study.sampler = optuna.samplers.RandomSampler(seed=asked.number)
+            return Searcher.FINISHED  # the space holds no config that has not run
+        finally:
+            self._ot_study.sampler = sampler
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         final = bool(result) and bool(result.get(FINAL)) and not error
@@ -123,13 +146,22 @@ class SweepSearch(OptunaSearch):
                 params=asked.params, distributions=asked.distributions, values=values))
 
 
+def first_points(spec: SweepSpec) -> list[dict]:
+    """The configs enqueued before the sampler's own: every grid point, or the baseline (kind `none`)
+    where it is a choice, so that every trial can be compared with it."""
+    if spec.sampler.name == "grid":
+        return spec.grid_points()[:spec.num_samples()]
+    kind = spec.search.get("regularizer.kind")
+    return [{"regularizer.kind": "none"}] if kind and kind.finite and "none" in kind.values else []
+
+
 def make_searcher(spec: SweepSpec) -> SweepSearch:
     single = len(spec.objectives) == 1
-    points = spec.grid_points()[:spec.num_samples()] if spec.sampler.name == "grid" else None
+    points = first_points(spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return SweepSearch(space=spec.define_by_run, metric=spec.metrics[0] if single else spec.metrics,
                        mode=spec.modes[0] if single else spec.modes, sampler=make_sampler(spec),
-                       points_to_evaluate=points)
+                       points_to_evaluate=points or None)
 
 
 def make_scheduler(spec: SweepSpec, epochs: int):
@@ -199,6 +231,8 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
     parent.set_tags({tracking.NOTE: f"{spec.description}\n\n{summary}".strip()})
     if interrupted:
         parent.end("KILLED", "killed")
+    elif not any(r.status == "FINISHED" for r in records):
+        parent.end("FAILED", "failed", "no trial finished")
     else:
         parent.end("FINISHED", "finished")
     return front
@@ -229,9 +263,9 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
     uri = tracking.resolve_uri(mlflow_uri)
     check_client_tracking(address, uri)
     tracking.check_reachable(uri)
+    check_data(base)
     connect(address)
     fit = check_resources(spec)
-    check_data(base)
 
     if resume:
         context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
@@ -241,7 +275,9 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         tracking.retry(tracking.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
     else:
         context = _start_tracking(spec, base, uri, Path(space_path).read_text())
-        context.update({"cache_dir": str(sweep_dir / CACHE_DIR), "cpus": spec.resources.cpu})
+        # one burn-in cache per storage folder: its keys hash everything a prefix depends on, so sweeps that
+        # share a prefix (a study and its follow-ups) train it once
+        context.update({"cache_dir": str(Path(storage) / CACHE_DIR), "cpus": spec.resources.cpu})
         sweep_dir.mkdir(parents=True)
         (sweep_dir / CONTEXT_FILE).write_text(json.dumps(context))
     concurrent = max_concurrent or spec.run.max_concurrent or min(fit, spec.num_samples())
@@ -273,6 +309,10 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         _finish_tracking(context, spec, interrupted=True)
         raise
     interrupted = grid.num_terminated + grid.num_errors < spec.num_samples()
+    for result in grid:
+        if result.metrics.get(OUTCOME) == "invalid":
+            echo(f"trial {result.metrics.get('trial_id', '')}: not retried, its config is invalid: "
+                 f"{result.metrics.get(ERROR, '')}")
     offline = sweep_dir / tracking.OFFLINE_DIR
     if any(offline.glob("*.jsonl")) or not tracking.reachable(context["mlflow_uri"]):
         echo(f"sweep {spec.name}: the MLflow tracking server {context['mlflow_uri']} became unreachable; "

@@ -25,6 +25,7 @@ STATE = "platform.json"     # in every checkpoint: the seeds already done, epoch
 TRAIN_DIR = "train"         # in every checkpoint: run_experiment's state
 FINAL = "specreg_final"     # in a trial's last report only
 OUTCOME = "specreg_outcome"
+ERROR = "specreg_error"     # in the last report of a trial whose config is invalid: why
 CHECKPOINT_SECONDS = 10.0
 
 
@@ -59,7 +60,11 @@ def run_trial(config: dict) -> None:
     context = config[CONTEXT]
     spec = SweepSpec.model_validate(context["spec"])
     values = {key: spec.search[key].decode(raw) for key, raw in searched(config).items()}
-    resolved = specreg.validate_config(spec.trial_config(searched(config)))
+    try:
+        resolved = specreg.validate_config(spec.trial_config(searched(config)))
+    except specreg.ConfigError as error:  # searched values that are valid one by one but not together
+        tune.report({**worst_values(spec), FINAL: 1, OUTCOME: "invalid", ERROR: str(error)})
+        return
     torch.set_num_threads(max(1, int(context["cpus"])))
     if not report_if_finished(context, spec):
         Trial(context, spec, resolved, values).run()
@@ -157,6 +162,11 @@ class Trial:
         except specreg.Diverged as error:
             self._end("FAILED", "diverged", f"diverged at epoch {error.epoch}")
             tune.report({**worst_values(self.spec), FINAL: 1, OUTCOME: "diverged",
+                         "mlflow_run_id": self.config_run.run_id})
+        except ValueError as error:  # a bad value fails the same way again: the trial ends, not retried
+            message = f"{type(error).__name__}: {error}"
+            self._end("FAILED", "invalid", message)
+            tune.report({**worst_values(self.spec), FINAL: 1, OUTCOME: "invalid", ERROR: message,
                          "mlflow_run_id": self.config_run.run_id})
         except Exception as error:  # Tune retries the trial from its checkpoint, reopening these runs
             self._end("FAILED", "failed", f"{type(error).__name__}: {error}")

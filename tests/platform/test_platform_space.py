@@ -198,3 +198,26 @@ def test_epoch_metrics_are_buffered_then_sent_with_their_steps(store):
     run.end("FINISHED", "finished")
     history = sorted((m.step, m.value) for m in mlflow.get_metric_history(run.run_id, "loss"))
     assert history == [(1, 1.0), (2, 0.5)] and mlflow.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_searcher_enqueues_the_baseline_first_and_never_repeats_a_config():
+    """Told the same values every time, TPE would propose the parameter-less `none` over and over."""
+    from specreg_platform.sweep import make_searcher
+    from specreg_platform.trainable import FINAL
+
+    spec, _ = load_space(SPACES / "quickstart.yaml")
+    searcher = make_searcher(spec)
+    asked = []
+    for index in range(24):
+        asked.append(searcher.suggest(str(index)))
+        searcher.on_trial_complete(str(index), {FINAL: 1, "clean_acc": 0.9, "adv_acc_eps_0.5": 0.5})
+    assert asked[0] == {"regularizer.kind": "none"}
+    assert len({json.dumps(config, sort_keys=True) for config in asked}) == len(asked)
+
+
+def test_a_space_of_listed_values_runs_each_config_at_most_once(tmp_path):
+    space = tiny_space("listed", samples=8, search={
+        "regularizer.kind": {"choice": ["none", "rep-spectral"]},
+        "regularizer.strength": {"choice": [0.01, 0.1], "when": {"regularizer.kind": ["rep-spectral"]}}})
+    spec, _ = load_space(write_yaml(tmp_path / "listed.yaml", space))
+    assert spec.num_samples() == 3
