@@ -72,7 +72,7 @@ class RegularizerSpec(Strict):
     burnin: Union[int, float] = Field(0.0, ge=0)
     n_power_iterations: int = Field(1, ge=1)
     target_exponent: float = Field(1.0, gt=0)
-    tau: int = Field(10, ge=1)
+    tau: int = Field(10, ge=0)  # spectral-decay: 0-based rank of the anchor eigenvalue (Nassar et al.'s eig_start)
     conv_mode: Literal["exact", "reshape"] = "exact"
     stage: Optional[Literal["source", "target", "both"]] = None  # transfer only (default: source)
     activation_term: bool = False  # rep-spectral on MLPs: add the bound's activation-derivative term
