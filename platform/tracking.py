@@ -118,7 +118,7 @@ def ui_url(server: str, experiment_id: str | None = None, run_id: str | None = N
     return f"{server.rstrip('/')}{page}?workflowType=machine_learning"
 
 
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
+def check_healthy(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, naming the URI, when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -129,6 +129,21 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(f"the MLflow tracking server {uri} is unreachable: {error}") from None
     raise RuntimeError(f"the MLflow tracking server {uri} is not healthy")
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer, or refuses this user."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    check_healthy(uri, timeout)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise BadInput(f"--mlflow: the tracking server {uri} refused the request ({error.error_code}): give "
+                           "its user name and password in MLFLOW_TRACKING_USERNAME and "
+                           "MLFLOW_TRACKING_PASSWORD") from None
+        raise
 
 
 def client(uri: str) -> MlflowClient:
@@ -356,7 +371,7 @@ class RunLog:
 
 def reachable(uri: str) -> bool:
     try:
-        check_reachable(uri, timeout=5.0)
+        check_healthy(uri, timeout=5.0)
     except RuntimeError:
         return False
     return True

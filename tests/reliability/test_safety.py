@@ -1,26 +1,75 @@
 """Safety: servers bind 127.0.0.1, sweep names cannot escape their folder, YAML cannot run code,
 checkpoints cannot run code. (Exported configs without absolute paths: test_trial_faults.py.)"""
+import os
 import pickle
-import subprocess
+import signal
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 import specreg
-from specreg_platform import cli as cli_module
 
-from reliability_helpers import TINY_BASE, cli, write_yaml, store  # noqa: F401 (fixtures)
+from reliability_helpers import TINY_BASE, cli, kill_session, specreg_process, write_yaml, store  # noqa: F401
+from shared_helpers import free_port, wait_healthy
 
 
-def test_ui_binds_localhost_unless_told_otherwise(tmp_path, monkeypatch, store):
-    started = []
-    monkeypatch.setattr(cli_module.subprocess, "run",
-                        lambda command, **kw: started.append(command) or subprocess.CompletedProcess(command, 0))
-    assert cli("ui", "--mlflow", store).exit_code == 0
-    assert cli("ui", "--mlflow", store, "--host", "10.0.0.5").exit_code == 0
-    default, told = started
-    assert default[default.index("--host") + 1] == "127.0.0.1"
-    assert told[told.index("--host") + 1] == "10.0.0.5"
+def _descendants(pid: int) -> set[int]:
+    """Every live process started by pid, and by those, from /proc (Linux only, as are these tests)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # after the ")" that ends the command name: state, ppid, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        found.update(new := children.get(todo.pop(), []))
+        todo += new
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses that listen on port (IPv4, from /proc/net/tcp: state 0A is LISTEN)."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return [socket.inet_ntoa(bytes.fromhex(local.split(":")[0])[::-1]) for _, local, _, state, *_ in rows
+            if int(local.split(":")[1], 16) == port and state == "0A"]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_ui_binds_localhost_and_stopping_it_stops_the_whole_server(tmp_path, store, stop):
+    """`specreg ui` serves on 127.0.0.1 only; SIGTERM to it, or Ctrl-C (SIGINT to its process group, as a
+    terminal sends it), ends it, and by the time it has ended every process of MLflow's server has too and
+    the port is free (a `ui` started again on that port finds it free)."""
+    port = free_port()
+    ui = specreg_process("ui", "--port", port, "--mlflow", store, cwd=tmp_path)
+    server = set()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", ui, timeout=120)
+        assert _listening(port) == ["127.0.0.1"]
+        server = _descendants(ui.pid)
+        assert len(server) > 3, server  # the server, its uvicorn workers, its job runner and consumers
+        if stop == "SIGTERM":
+            ui.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(ui.pid, signal.SIGINT)
+        ui.wait(timeout=60)
+        assert not [pid for pid in server if _alive(pid)]  # gone by the time `ui` has returned
+        assert not _listening(port)
+    finally:
+        kill_session(ui)
+        for pid in filter(_alive, server):  # what a failing `ui` left behind
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("name", ["a/b", "../up", "..", "a\\b", "/abs", "x/../../y"])
