@@ -225,7 +225,10 @@ def ui(
     tracking.require_store(uri)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                "--port", str(port)]
-    typer.echo(f"MLflow UI on {tracking.ui_url(f'http://{host}:{port}')} (Ctrl-C to stop)")
+    server_url = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI on {tracking.ui_url(server_url)} (Ctrl-C to stop); the sweeps' runs:")
+    for experiment in tracking.client(uri).search_experiments(filter_string=f"tags.`{tracking.SWEEP}` != ''"):
+        typer.echo(f"  {experiment.name}: {tracking.ui_url(server_url, experiment.experiment_id)}")
     # The server's own process group holds its uvicorn workers, job runner and huey consumers: stopping
     # `ui` (Ctrl-C, or SIGTERM, which is made to act the same) stops all of them and frees the port.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
