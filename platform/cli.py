@@ -117,10 +117,11 @@ def runs(
     format: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
     mlflow: Optional[str] = _mlflow_option(),
 ):
-    """List the trials of a sweep from MLflow: searched params and objectives as columns."""
+    """List the trials of a sweep from MLflow: searched params, objectives and each trial's difference from
+    the baseline (the kind none trial; ≈ within noise) as columns."""
     from .results import runs_table
 
-    columns, rows = runs_table(_client(mlflow), name, sort, limit)
+    columns, rows = runs_table(_client(mlflow), name, sort, limit, compact=format is Format.table)
     if format is Format.json:
         typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=1))
     elif format is Format.csv:

@@ -15,29 +15,57 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 KINDS = ("none", "rep-spectral", "all-layer-spectral", "spectral-decay", "spectral-norm", "jacobian")
+# Okabe & Ito's colour-blind-safe palette, one colour and one marker per kind (the marker tells kinds apart
+# in grey too); other labels are hashed onto the last two colours and the markers.
+PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#CC79A7", "#D55E00", "#999999")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DPI = 144  # the report shows figures at 96 pixels per inch: 1.5 device pixels per CSS pixel
 DISTANCE = "L2 distance (pixels in [0, 1])"
 RADIUS = "ε, L2 radius (pixels in [0, 1])"
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "legend.frameon": False})
+
+
+def _index(label: str) -> int:
+    return KINDS.index(label) if label in KINDS else len(KINDS) + sum(map(ord, label)) % (len(PALETTE) - len(KINDS))
 
 
 def color(label: str) -> str:
-    """A fixed colour per regularizer kind (other labels hashed onto the same palette)."""
-    palette = plt.get_cmap("tab10").colors
-    index = KINDS.index(label) if label in KINDS else sum(map(ord, label)) % len(palette)
-    return matplotlib.colors.to_hex(palette[index % len(palette)])
+    """A fixed colour per regularizer kind."""
+    return PALETTE[_index(label)]
 
 
-def png(figure: Figure, tight: bool = True) -> bytes:
+def marker(label: str) -> str:
+    """A fixed marker per regularizer kind."""
+    return MARKERS[_index(label)]
+
+
+def png(figure: Figure, tight: bool = True, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes; the figure is closed. tight=False keeps the figure's own margins: the
     tight bounding box costs a second draw of the figure."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if tight else None)
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(figure)
     return buffer.getvalue()
 
 
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, frameon=False)
+        ax.legend()
+
+
+def _log_axis(axis) -> None:
+    """A log scale labelled at 1, 2 and 5 times the powers of ten, as plain numbers: values that span less
+    than a decade still get labelled ticks, and labels do not crowd."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _percent_axis(ax, metric: str = "clean_acc") -> None:
+    """An accuracy axis never reaches past 0-100% (autoscaling's margin would show 102%)."""
+    if is_accuracy(metric):
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, 0), min(high, 100))
 
 
 def robust_curves(curves: dict[str, dict]) -> Figure:
@@ -48,7 +76,7 @@ def robust_curves(curves: dict[str, dict]) -> Figure:
     figure, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         eps, mean = np.asarray(curve["eps"]), 100 * np.asarray(curve["mean"])
-        ax.plot(eps, mean, marker="o", color=color(label), label=label)
+        ax.plot(eps, mean, marker=marker(label), color=color(label), label=label)
         if curve.get("low") is not None:
             ax.fill_between(eps, 100 * np.asarray(curve["low"]), 100 * np.asarray(curve["high"]),
                             color=color(label), alpha=0.2, linewidth=0)
@@ -73,7 +101,7 @@ def tradeoff(points: list[dict], front: list[tuple[float, float]], robust_label:
             ax.errorbar(x, y, xerr=100 * np.array([p["clean_err"] for p in mine]).T,
                         yerr=100 * np.array([p["robust_err"] for p in mine]).T, fmt="none",
                         ecolor=color(kind), alpha=0.5, linewidth=1)
-        ax.scatter(x, y, color=color(kind), label=kind, s=30, zorder=3)
+        ax.scatter(x, y, color=color(kind), marker=marker(kind), label=kind, s=36, zorder=3)
     if front:
         xs, ys = zip(*sorted(front))
         ax.step(100 * np.array(xs), 100 * np.array(ys), where="pre", color="black", linewidth=1,
@@ -82,6 +110,8 @@ def tradeoff(points: list[dict], front: list[tuple[float, float]], robust_label:
     ax.set(xlabel="clean accuracy (%)", ylabel=f"{robust_label} (%)",
            title="Clean versus robust accuracy, every finished trial")
     ax.grid(alpha=0.3)
+    _percent_axis(ax)
+    ax.set_xlim(right=min(ax.get_xlim()[1], 100))
     _legend(ax)
     return figure
 
@@ -102,21 +132,24 @@ def objective_panels(objectives: list[str], panels: list[dict]) -> Figure:
                 mine = sorted((x, values[objective]) for k, x, values in panel["points"] if k == kind)
                 ys = [percent(objective, y) for _, y in mine]
                 if panel["categorical"]:
-                    ax.scatter([categories.index(str(x)) for x, _ in mine], ys, color=color(kind), label=kind, s=25)
+                    ax.scatter([categories.index(str(x)) for x, _ in mine], ys, color=color(kind),
+                               marker=marker(kind), label=kind, s=30)
                 else:
-                    ax.plot([x for x, _ in mine], ys, marker="o", color=color(kind), label=kind)
+                    ax.plot([x for x, _ in mine], ys, marker=marker(kind), color=color(kind), label=kind)
             if panel.get("baseline") and objective in panel["baseline"]:
                 ax.axhline(percent(objective, panel["baseline"][objective]), color=color("none"),
                            linestyle="--", linewidth=1, label="none")
             if panel["log"]:
                 ax.set_xscale("log")
+                _log_axis(ax.xaxis)
             if panel["categorical"]:
                 ax.set_xticks(range(len(categories)), categories)
                 ax.set_xlim(-0.5, len(categories) - 0.5)
             ax.set(xlabel=panel["xlabel"], ylabel=axis_label(objective))
             ax.grid(alpha=0.3)
+            _percent_axis(ax, objective)
             if row == 0:
-                ax.set_title(panel["title"], fontsize=10)
+                ax.set_title(panel["title"])
                 _legend(ax)
     figure.suptitle("Objectives versus the searched settings")
     figure.tight_layout()
@@ -133,15 +166,16 @@ def structure(points: list[dict], robust_label: str, correlations: dict[str, tup
                                 (axes[1], "sigma_sq_sum", "Σσ²_max up to the feature layer (unitless)", True)):
         for kind in dict.fromkeys(p["kind"] for p in points):
             mine = [p for p in points if p["kind"] == kind and _finite(p.get(key))]
-            ax.scatter([p[key] for p in mine], [100 * p["robust"] for p in mine], color=color(kind), label=kind, s=25)
+            ax.scatter([p[key] for p in mine], [100 * p["robust"] for p in mine], color=color(kind),
+                       marker=marker(kind), label=kind, s=30)
         rho, p, n = correlations.get(key, (math.nan, math.nan, 0))
-        ax.set_title(f"Spearman ρ = {rho:.2f} (p = {p:.2g}, n = {n})" if n >= 3 else f"too few trials (n = {n})",
-                     fontsize=10)
+        ax.set_title(f"Spearman ρ = {rho:.2f} (p = {p:.2g}, n = {n})" if n >= 3 else f"too few trials (n = {n})")
         if log:
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            _log_axis(ax.xaxis)
         ax.set(xlabel=label, ylabel=f"{robust_label} (%)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both" if log else "major")
+        _percent_axis(ax)
     _legend(axes[0])
     figure.suptitle("How the representation's structure relates to robustness, all trials")
     figure.tight_layout()
@@ -191,7 +225,7 @@ def importances(values: dict[str, float], objective: str) -> Figure:
     """fANOVA importance of each searched parameter for one objective (fractions of the variance)."""
     figure, ax = plt.subplots(figsize=(6, 0.5 * len(values) + 1.5))
     names = list(values)[::-1]
-    ax.barh(names, [100 * values[n] for n in names], color="#4c72b0")
+    ax.barh(names, [100 * values[n] for n in names], color=PALETTE[4])
     ax.set(xlabel=f"share of the variance of {objective} (%)", xlim=(0, 100),
            title="Parameter importance (Optuna fANOVA)")
     ax.grid(alpha=0.3, axis="x")
@@ -214,7 +248,7 @@ def paired_differences(by_metric: dict[str, list[dict]]) -> Figure:
                         xerr=[[percent(metric, row["mean"] - row["low"])], [percent(metric, row["high"] - row["mean"])]],
                         fmt="o", color="black" if significant else "grey", capsize=3)
         ax.axvline(0, color="grey", linewidth=1)
-        ax.set_yticks(range(len(rows)), [f"{r['label']}  (p_Holm {r['p_holm']:.2g})" for r in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"{r['label']}  (p_Holm {r['p_holm']:.2g})" for r in rows])
         ax.invert_yaxis()
         unit = "percentage points" if is_accuracy(metric) else DISTANCE if "dist" in metric else "metric units"
         ax.set(xlabel=f"difference in {metric} ({unit})")
@@ -237,7 +271,7 @@ def trial_figures(result: dict, eps: list[float]) -> dict[str, bytes]:
         figures["distances.png"] = distance_histograms({"this trial": np.asarray(result["distances"])}, eps)
     for figure in figures.values():
         figure.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.91)
-    return {name: png(figure, tight=False) for name, figure in figures.items()}
+    return {name: png(figure, tight=False, dpi=100) for name, figure in figures.items()}
 
 
 def is_accuracy(metric: str) -> bool:

@@ -5,7 +5,9 @@ with a `figures/` folder, and its figures are logged to the sweep's parent run u
 "Best trial of a kind" means best by the report metric: the sweep's first robust objective (else its
 first objective). With seeds, every value is a config's seed mean; tables and bands show the platform's
 95% t-interval over seeds (as MLflow and export do), while the seed-aware Pareto front and the paired
-differences between arms use 95% percentile-bootstrap intervals.
+differences between arms use 95% percentile-bootstrap intervals. Every trial is listed against the
+baseline (`results.differences`: paired over the attacked points), with a link to its MLflow run.
+Accuracies are in percent, their differences in percentage points, other numbers to 3 significant figures.
 """
 import base64
 import html
@@ -23,25 +25,15 @@ import numpy as np
 from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
 from .confirm import confirmations, parent_space
 from .errors import BadInput
+from .results import bootstrap_interval
 from .space import SweepSpec, encode, flatten
 
 EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
 MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best
-BOOTSTRAP = 10_000
+UI_SERVER = "http://127.0.0.1:5000"   # where `specreg ui` serves a SQLite store: the report's run links
 
 
 # --- statistics -----------------------------------------------------------------------------------------
-
-def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
-    """Mean and percentile-bootstrap interval of the mean (the mean itself for fewer than 2 values)."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, mean, mean
-    draws = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
-    low, high = np.quantile(values[draws].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
-    return mean, float(low), float(high)
-
 
 def holm(pvalues: list[float]) -> list[float]:
     """Holm step-down adjusted p-values; NaN (an undefined test) stays NaN and is not counted."""
@@ -96,6 +88,16 @@ def spearman(x, y) -> tuple[float, float, int]:
 # --- what the report is made of -------------------------------------------------------------------------
 
 @dataclass
+class Link:
+    """A table cell that links to a page (an MLflow run)."""
+    text: str
+    url: str
+
+    def __str__(self) -> str:
+        return f"[{self.text}]({self.url})"
+
+
+@dataclass
 class Block:
     kind: str                  # heading | text | table | figure
     text: str = ""
@@ -106,6 +108,12 @@ class Block:
 
 
 def _fmt(value, metric: str = "") -> str:
+    """3 significant figures (accuracies in percent, one decimal); numbers that MLflow keeps as text too."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     if isinstance(value, float):
@@ -155,6 +163,8 @@ class SweepData:
             self.records = results.rankable(self.records, [self.robust])  # refuses mixed threat models
         self.rank = robust[0] if robust else self.objectives[0]
         self.seeds = self._seed_runs() if len(self.sweep.seeds) > 1 else {}
+        self.baseline = results.baseline(self.all)
+        self.versus = results.differences(mlflow, self.all, ["clean_acc", *([self.robust] if self.robust else [])])
 
     def _seed_runs(self) -> dict[str, dict[int, tuple[str, dict]]]:
         """{config run id: {seed: (seed run id, metrics)}} of the finished seed runs."""
@@ -232,17 +242,56 @@ class SweepData:
 
 # --- sections -------------------------------------------------------------------------------------------
 
+def threat_model_text(tag: str) -> str:
+    """`tangent/l2/2000/200` in words (the order of `tracking.threat_model`)."""
+    parts = tag.split("/")
+    if len(parts) != 4:
+        return tag
+    name, norm, queries, samples = parts
+    return (f"{tag} (the {name} attack, {norm.upper()} distance, at most {queries} model queries per point, "
+            f"on the first {samples} test points)")
+
+
 def overview(data: SweepData) -> list[Block]:
     sweep, outcomes = data.sweep, {}
     for record in data.all:
         outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
+    models = sorted({r.threat_model for r in data.records})
     text = (f"{len(data.all)} trials ({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}); objectives "
             + ", ".join(f"{o['metric']} ({o['mode']})" for o in data.objectives)
-            + f"; threat model {', '.join(sorted({r.threat_model for r in data.records})) or 'none'}"
+            + f"; threat model {', '.join(threat_model_text(m) for m in models) or 'none'}"
             + (f"; seeds {sweep.seeds}: values are seed means with 95% t-intervals, except the seed-aware Pareto "
                "front and the paired differences, which use 95% percentile-bootstrap intervals" if data.seeds else "")
-            + f". Best trial of a kind: best by {data.rank['metric']} ({data.rank['mode']}).")
+            + f". Best trial of a kind: best by {data.rank['metric']} ({data.rank['mode']}). Accuracies are in "
+            "percent and their differences in percentage points (pp); other numbers to 3 significant figures.")
     return [Block("heading", f"Sweep {sweep.name}"), Block("text", text)]
+
+
+def run_link(data: SweepData, record) -> Link:
+    """The trial's page in the MLflow UI: on the tracking server, or where `specreg ui` serves a store."""
+    uri = data.mlflow.tracking_uri
+    server = uri if uri.startswith(("http://", "https://")) else UI_SERVER
+    return Link(record.trial_id, tracking.ui_url(server, data.sweep.experiment_id, record.run_id))
+
+
+def trials_table(data: SweepData) -> list[Block]:
+    """Every trial with its searched values, outcome, accuracies and differences from the baseline."""
+    metrics = ["clean_acc", *([data.robust] if data.robust else [])]
+    compared = metrics if data.versus else []
+    rows = []
+    for record in data.all:
+        searched = flatten(record.searched)
+        deltas = ["baseline" if record is data.baseline else data.versus.get(record.run_id, {}).get(m, "—")
+                  for m in compared]
+        rows.append([run_link(data, record), *(_fmt(searched.get(k, "—")) for k in data.sweep.search_keys),
+                     record.outcome, *(_fmt(record.metrics.get(m), m) for m in metrics), *deltas])
+    server = "the tracking server" if data.mlflow.tracking_uri.startswith("http") else f"`specreg ui` ({UI_SERVER})"
+    note = (results.DIFFERENCE_NOTE if data.versus else
+            "No baseline: no trial of kind none finished beside other kinds, so no differences are shown.")
+    return [Block("heading", "All trials"),
+            Block("text", f"{note} A trial's name links to its MLflow run, served by {server}."),
+            Block("table", columns=["trial", *data.sweep.search_keys, "outcome", *metrics,
+                                    *(f"Δ {m}" for m in compared)], rows=rows, name="trials")]
 
 
 def best_table(data: SweepData, best: dict) -> list[Block]:
@@ -250,7 +299,7 @@ def best_table(data: SweepData, best: dict) -> list[Block]:
                *(m for m in ("adv_dist_median", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
     rows = []
     for kind, record in best.items():
-        settings = [record.params.get(f"regularizer.{key}", "—") if kind != "none" else "—"
+        settings = [_fmt(record.params.get(f"regularizer.{key}", "—")) if kind != "none" else "—"
                     for key in ("strength", "placement")]
         rows.append([kind, record.trial_id, *settings, *(_with_interval(*data.interval(record, m), m) for m in metrics)])
     return [Block("heading", "Best trial of each kind"),
@@ -286,7 +335,8 @@ def tradeoff_section(data: SweepData) -> list[Block]:
         points.append(point)
     figure = figures.tradeoff(points, [(r.metrics["clean_acc"], r.metrics[data.robust]) for r in front], data.robust)
     caption = (f"Clean accuracy against {data.robust} for every finished trial, coloured by regularizer kind; "
-               "the dashed line joins the Pareto front (circled)." + (
+               "the dashed line joins the Pareto front (circled). A lead of a few points may be within the "
+               "attack's noise: All trials gives each trial's difference from the baseline with its interval." + (
                    " Points are seed means, bars 95% bootstrap intervals over seeds: a seed-aware front."
                    if data.seeds else ""))
     blocks = [Block("heading", "Clean versus robust accuracy"),
@@ -306,7 +356,7 @@ def settings_figure(data: SweepData) -> list[Block]:
     """Each objective against strength (log), placement and target exponent, where those varied."""
     objectives = [o["metric"] for o in data.objectives]
     regularized = [r for r in data.records if data.kind(r) != "none"]
-    baseline = next((r for r in data.records if data.kind(r) == "none"), None)
+    baseline = data.baseline
     base_values = {m: baseline.metrics[m] for m in objectives if m in baseline.metrics} if baseline else None
 
     def points(key, cast, records):
@@ -332,7 +382,8 @@ def settings_figure(data: SweepData) -> list[Block]:
                        "log": False, "categorical": False, "points": exponents, "baseline": base_values})
     if not panels:
         return [Block("text", "Strength, placement and target exponent did not vary: no settings figure.")]
-    caption = "Each objective against the searched regularizer settings; the dashed line is the unregularized trial."
+    caption = "Each objective against the searched regularizer settings" + (
+        f"; the dashed line is the baseline, trial {baseline.trial_id} (kind none)." if baseline else ".")
     return [Block("heading", "Objectives versus the regularizer settings"),
             Block("figure", caption, png=figures.png(figures.objective_panels(objectives, panels)),
                   name="objectives_vs_settings")]
@@ -343,13 +394,17 @@ def structure_section(data: SweepData) -> list[Block]:
                "robust": r.metrics[data.robust]} for r in data.records]
     correlations = {key: spearman([p[key] for p in points], [p["robust"] for p in points])
                     for key in ("alpha_hat", "sigma_sq_sum")}
-    rows = [[key, f"{rho:.3f}" if math.isfinite(rho) else "—", _fmt(p), n]
-            for key, (rho, p, n) in correlations.items()]
+    rows = [[key, _fmt(rho), _fmt(p), n] for key, (rho, p, n) in correlations.items()]
+    n = max(n for _, _, n in correlations.values())
     return [Block("heading", "Representational structure and robustness"),
             Block("figure", f"{data.robust} against the fitted spectral exponent α̂ of the feature covariance and "
                             "against Σσ²_max of the layers up to the features, every trial.",
                   png=figures.png(figures.structure(points, data.robust, correlations)), name="structure_vs_robustness"),
-            Block("table", columns=["against", "Spearman ρ", "p", "trials"], rows=rows)]
+            Block("table", columns=["against", "Spearman ρ", "p", "trials (n)"], rows=rows),
+            Block("text", f"Caveat: a rank correlation over n = {n} trials describes these trials only. The "
+                          "sampler chose them from earlier results, so they are not independent draws and the "
+                          "p-value is a rough guide; with fewer than about 10 trials even a large ρ can be "
+                          "chance, and a correlation is no evidence that the structure causes the robustness.")]
 
 
 def array_figures(data: SweepData, best: dict) -> list[Block]:
@@ -406,9 +461,12 @@ def importance_section(data: SweepData) -> list[Block]:
     blocks = [Block("heading", f"Parameter importance for {data.objectives[0]['metric']}")]
     if isinstance(found, str):
         return blocks + [Block("text", found)]
+    n = sum(math.isfinite(r.metrics.get(data.objectives[0]["metric"], math.nan)) for r in data.records)
     return blocks + [Block("figure", "Share of the variance of the first objective explained by each searched "
-                                     "parameter (Optuna's fANOVA on a study rebuilt from the trials; parameters that "
-                                     "only some trials have are left out).",
+                                     f"parameter (Optuna's fANOVA on a study rebuilt from the n = {n} finished trials; "
+                                     "parameters that only some trials have are left out). Caveat: fANOVA fits a "
+                                     "random forest to the trials; with a few dozen trials or fewer the shares are "
+                                     "rough, and the differences between trials may be within noise (see All trials).",
                            png=figures.png(figures.importances(found, data.objectives[0]["metric"])),
                            name="importance")]
 
@@ -469,7 +527,7 @@ def confirmation_section(data: SweepData) -> list[Block]:
 
 
 def build(data: SweepData) -> list[Block]:
-    blocks = overview(data)
+    blocks = overview(data) + trials_table(data)
     if not data.records:
         return blocks + [Block("text", "No finished trial: nothing to plot.")]
     if data.robust is None:
@@ -503,11 +561,28 @@ def to_markdown(blocks: list[Block], figure_dir: str) -> str:
     return "\n".join(lines)
 
 
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;"
+         "line-height:1.45}.scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%;white-space:nowrap;text-align:left}"
+         "th{background:#f3f3f3;position:sticky;top:0}tr.baseline td{font-weight:bold;background:#eef4fb}"
+         "td.noise{color:#888}img{max-width:100%;height:auto}figure{margin:1.5em 0}"
+         "figcaption{color:#555;font-size:90%;max-width:900px}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, Link):
+        return f"<td><a href='{html.escape(value.url)}'>{html.escape(value.text)}</a></td>"
+    noise = " class='noise'" if isinstance(value, results.Difference) and value.within_noise else ""
+    return f"<td{noise}>{html.escape(str(value))}</td>"
+
+
+def _png_width(png: bytes) -> int:
+    return int.from_bytes(png[16:20], "big")  # the IHDR chunk's width
+
+
 def to_html(blocks: list[Block], title: str) -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}"
-             "img{max-width:100%}figcaption{color:#555;font-size:90%}</style></head><body>"]
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body>"]
     first = True
     for block in blocks:
         if block.kind == "heading":
@@ -518,11 +593,13 @@ def to_html(blocks: list[Block], title: str) -> str:
             parts.append(f"<p>{html.escape(block.text)}</p>")
         elif block.kind == "table":
             head = "".join(f"<th>{html.escape(str(c))}</th>" for c in block.columns)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block.rows)
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        else:
+            body = "".join(f"<tr{' class=baseline' if 'baseline' in row else ''}>" + "".join(map(_cell, row))
+                           + "</tr>" for row in block.rows)
+            parts.append(f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>")
+        else:  # drawn at figures.DPI, shown at 96 CSS pixels per inch: sharp on high-density screens too
             data = base64.b64encode(block.png).decode()
-            parts.append(f"<figure><img alt='{block.name}' src='data:image/png;base64,{data}'>"
+            width = round(_png_width(block.png) * 96 / figures.DPI)
+            parts.append(f"<figure><img alt='{block.name}' width='{width}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
     return "\n".join(parts + ["</body></html>"])
 

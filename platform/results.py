@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from . import tracking
@@ -14,6 +15,8 @@ from .errors import BadInput
 SEARCH_KEYS = "specreg.search_keys"   # parent-run tags written by the sweep
 OBJECTIVES = "specreg.objectives"
 SEEDS = "specreg.seeds"
+ROBUST_PREFIX = "adv_acc_eps_"        # robust accuracy at a radius: adv_acc_eps_<ε>
+BOOTSTRAP = 10_000
 
 
 @dataclass
@@ -190,12 +193,124 @@ def write_parquet(records: list[TrialRecord], path: Path) -> None:
     pq.write_table(pa.table(columns), path)
 
 
+# --- differences from the baseline --------------------------------------------------------------------
+
+def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
+    """Mean and percentile-bootstrap interval of the mean (the mean itself for fewer than 2 values). A
+    seeds × points array is resampled along both: seeds, then the points attacked in every seed."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, mean, mean
+    grid = values.reshape(len(values), -1)  # 1-D values: one point per seed
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, grid.shape[0], (resamples, grid.shape[0]))
+    points = rng.integers(0, grid.shape[1], (resamples, grid.shape[1]))
+    means = np.concatenate([grid[s[:, :, None], p[:, None, :]].mean(axis=(1, 2))  # in chunks, for memory
+                            for s, p in zip(np.array_split(seeds, 10), np.array_split(points, 10))])
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(low), float(high)
+
+
+@dataclass
+class Difference:
+    """A trial's accuracy minus the baseline's over the same attacked points (and seeds): the mean and its
+    95% bootstrap interval, paired point by point."""
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        return self.low <= 0 <= self.high
+
+    def __str__(self) -> str:
+        return (f"{100 * self.mean:+.1f} pp [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+                + (" ≈" if self.within_noise else ""))
+
+
+DIFFERENCE_NOTE = ("Δ: the trial's accuracy minus the baseline's (the first trial of kind none) in percentage "
+                   "points, on the attacked test points, paired point by point (clean: the attacked points "
+                   "classified correctly), with a 95% bootstrap interval; ≈: within noise (the interval holds 0).")
+
+
+def point_outcomes(distances: np.ndarray, metric: str) -> np.ndarray:
+    """Per attacked point, 1 where it counts for the accuracy `metric`: classified correctly (clean_acc:
+    distance > 0) or robust at ε (a finite distance > ε; inf means no start point, never robust)."""
+    if metric == "clean_acc":
+        return (distances > 0).astype(float)
+    eps = float(metric.removeprefix(ROBUST_PREFIX))
+    return (np.isfinite(distances) & (distances > eps)).astype(float)
+
+
+def compared(metrics) -> list[str]:
+    """The metrics a difference from the baseline is given for: clean and robust accuracy."""
+    return [m for m in metrics if m == "clean_acc" or m.startswith(ROBUST_PREFIX)]
+
+
+def baseline(records: list[TrialRecord]) -> TrialRecord | None:
+    """The first finished trial of kind `none` (the one the sweep enqueued), where other kinds ran too."""
+    finished = [r for r in records if r.status == "FINISHED"]
+    kinds = {r.params.get("regularizer.kind") for r in finished}
+    if "none" not in kinds or len(kinds) < 2:
+        return None
+    return next(r for r in finished if r.params.get("regularizer.kind") == "none")
+
+
+def _attacked(record: TrialRecord) -> dict:
+    """What fixes the attacked points: the data and the attack (correct_only picks them per model)."""
+    return {k: v for k, v in record.params.items() if k.startswith(("data.", "attack."))}
+
+
+def seed_distances(mlflow, record: TrialRecord) -> dict[int, np.ndarray]:
+    """{seed: the attacked points' distances} of a trial: its seed runs', or its own for one seed."""
+    runs = tracking.retry(mlflow.search_runs, [tracking.retry(mlflow.get_run, record.run_id).info.experiment_id],
+                          f"tags.`{tracking.PARENT}` = '{record.run_id}' and tags.`{tracking.ROLE}` = 'seed'")
+    sources = {int(r.data.tags[tracking.SEED]): r.info.run_id for r in runs} or {
+        int(record.params.get("train.seed", 0)): record.run_id}
+    out = {}
+    with tempfile.TemporaryDirectory() as staging:
+        for seed, run_id in sources.items():
+            try:
+                out[seed] = np.load(tracking.retry(mlflow.download_artifacts, run_id, "distances.npy",
+                                                   f"{staging}/{seed}"))
+            except (tracking.MlflowException, OSError):  # not attacked, or the artifact is missing
+                continue
+    return out
+
+
+def differences(mlflow, records: list[TrialRecord], metrics) -> dict[str, dict[str, Difference]]:
+    """{run id: {metric: Difference}} of every other finished trial against the baseline, for the clean and
+    robust accuracies among metrics; empty without a baseline. Trials attacked on other points (another
+    dataset, or correct_only) get none."""
+    base, metrics = baseline(records), compared(metrics)
+    if base is None or not metrics or _attacked(base).get("attack.correct_only") == "True":
+        return {}
+    base_points = seed_distances(mlflow, base)
+    out = {}
+    for record in records:
+        if record is base or record.status != "FINISHED" or _attacked(record) != _attacked(base):
+            continue
+        mine = seed_distances(mlflow, record)
+        seeds = sorted(set(mine) & set(base_points))
+        if not seeds or any(len(mine[s]) != len(base_points[s]) for s in seeds):
+            continue
+        out[record.run_id] = {}
+        for metric in metrics:
+            paired = np.stack([point_outcomes(mine[s], metric) - point_outcomes(base_points[s], metric)
+                               for s in seeds])
+            out[record.run_id][metric] = Difference(*bootstrap_interval(paired))
+    return out
+
+
 def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[TrialRecord],
-                     objectives: list[dict], front: list[TrialRecord]) -> str:
+                     objectives: list[dict], front: list[TrialRecord], versus: dict | None = None) -> str:
+    """The sweep in Markdown: counts, the top configs (or the Pareto front), and with `versus` (from
+    `differences`) every finished trial against the baseline."""
     metrics = [o["metric"] for o in objectives]
     outcomes = {}
     for record in records:
@@ -207,27 +322,41 @@ def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[Tria
     if len(sweep.seeds) > 1:
         lines.append(f"- seeds: {sweep.seeds}; each value is the seed mean [95% interval]")
     top = sorted(ranked, key=lambda r: (1 if objectives[0]["mode"] == "max" else -1) * -r.metrics[metrics[0]])
+
+    def table(shown: list[TrialRecord], compared_metrics: list[str]) -> list[str]:
+        header = ["trial", *sweep.search_keys, *metrics, *(f"Δ {m}" for m in compared_metrics)]
+        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for record in shown:
+            cells = [record.trial_id + (" (confirmed)" if record.confirmed_by else "")]
+            cells += [_fmt(record.searched.get(k, "—")) for k in sweep.search_keys]
+            for metric in metrics:
+                value = _fmt(record.metrics[metric])
+                if f"{metric}_ci95_low" in record.metrics:
+                    value += (f" [{_fmt(record.metrics[f'{metric}_ci95_low'])}, "
+                              f"{_fmt(record.metrics[f'{metric}_ci95_high'])}]")
+                cells.append(value)
+            cells += [str((versus or {}).get(record.run_id, {}).get(m, "—")) for m in compared_metrics]
+            rows.append("| " + " | ".join(cells) + " |")
+        return rows
+
     lines += ["", "## Top configs" if len(objectives) == 1 else "## Pareto front", ""]
-    shown = top[:10] if len(objectives) == 1 else [r for r in top if r in front]
-    header = ["trial"] + sweep.search_keys + metrics
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for record in shown:
-        cells = [record.trial_id + (" (confirmed)" if record.confirmed_by else "")]
-        cells += [str(record.searched.get(k, "—")) for k in sweep.search_keys]
-        for metric in metrics:
-            value = _fmt(record.metrics[metric])
-            if f"{metric}_ci95_low" in record.metrics:
-                value += (f" [{_fmt(record.metrics[f'{metric}_ci95_low'])}, "
-                          f"{_fmt(record.metrics[f'{metric}_ci95_high'])}]")
-            cells.append(value)
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += table(top[:10] if len(objectives) == 1 else [r for r in top if r in front], [])
+    if versus:
+        base = baseline(records)
+        lines += ["", f"## Every trial against the baseline ({base.trial_id})", "", DIFFERENCE_NOTE, ""]
+        lines += table([r for r in ranked if r.run_id in versus], compared(metrics))
     return "\n".join(lines) + "\n"
 
 
-def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: int | None = None):
-    """(columns, rows) of the trials of one sweep, or of every sweep in the store."""
+def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: int | None = None,
+               compact: bool = False):
+    """(columns, rows) of the trials of one sweep, or of every sweep in the store, with each trial's
+    differences from its sweep's baseline: as text (`compact`), else as numbers with their interval."""
     sweeps = [find_sweep(mlflow, name)] if name else all_sweeps(mlflow)
-    records = [r for s in sweeps for r in trials(mlflow, s)]
+    by_sweep = {s.name: trials(mlflow, s) for s in sweeps}
+    records = [r for s in sweeps for r in by_sweep[s.name]]
+    versus = {run_id: found for s in sweeps
+              for run_id, found in differences(mlflow, by_sweep[s.name], [o["metric"] for o in s.objectives]).items()}
     keys = list(dict.fromkeys(k for s in sweeps for k in s.search_keys))
     modes = {o["metric"]: o["mode"] for s in sweeps for o in s.objectives}
     metrics = list(dict.fromkeys([*modes, *([sort] if sort else [])]))
@@ -240,10 +369,22 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
         records = valued + [r for r in records if r not in valued]
     if limit is not None:
         records = records[:limit]
+    deltas = compared(metrics) if versus else []
     columns = ["sweep", "trial", "status", "outcome", *keys, *metrics]
+    columns += [f"Δ {m}" for m in deltas] if compact else [
+        f"Δ {m}{end}" for m in deltas for end in ("", " low", " high", " within noise")]
+
+    bases = {base.run_id for found in by_sweep.values() if (base := baseline(found))}
+
+    def delta(record, metric) -> list:
+        found = versus.get(record.run_id, {}).get(metric)
+        if compact:
+            return ["baseline" if record.run_id in bases else str(found) if found else None]
+        return [found.mean, found.low, found.high, found.within_noise] if found else [None] * 4
+
     # a key that was not searched in a trial shows the value the trial used, as its MLflow params do
     rows = [[r.sweep, r.trial_id, r.status, r.outcome, *(r.searched.get(k, r.params.get(k)) for k in keys),
-             *(r.metrics.get(m) for m in metrics)] for r in records]
+             *(r.metrics.get(m) for m in metrics), *(v for m in deltas for v in delta(r, m))] for r in records]
     return columns, rows
 
 
@@ -279,5 +420,6 @@ def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str |
          "metrics": {m: r.metrics[m] for m in metrics},
          "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False))
     write_parquet(records, paths["trials.parquet"])
-    paths["summary.md"].write_text(summary_markdown(sweep, records, ranked, objectives, front))
+    paths["summary.md"].write_text(summary_markdown(sweep, records, ranked, objectives, front,
+                                                    differences(mlflow, records, metrics)))
     return paths

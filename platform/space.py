@@ -1,8 +1,9 @@
 """Search-space files: their schema, their validation, and the define-by-run space they give Optuna.
 
 A file holds a base experiment config, a `search` block of dotted keys into it, the objectives and the
-run settings. `load_space` checks all of it (with `specreg.validate_config` on the base config with each
-searched value substituted) before anything is started, and raises `BadInput` naming the key.
+run settings. `load_space` checks all of it (every key against the library's schema and registries, and
+`specreg.validate_config` on the base config with each searched value substituted) before anything is
+started, and raises `BadInput` naming the key, the value and the closest valid key.
 """
 import copy
 import difflib

@@ -227,7 +227,8 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
                                           sort_keys=False).encode()})
     else:
         front = []
-    summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front)
+    summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front,
+                                       results.differences(mlflow, records, spec.metrics))
     parent.set_tags({tracking.NOTE: f"{spec.description}\n\n{summary}".strip()})
     if interrupted:
         parent.end("KILLED", "killed")
@@ -335,8 +336,9 @@ def _report_end(echo, spec: SweepSpec, context: dict, sweep_dir: Path, front: li
     echo(f"sweep {spec.name} done; {label}:")
     for record in front if len(spec.objectives) > 1 else front[:1]:
         values = ", ".join(f"{m}={record.metrics[m]:.4g}" for m in spec.metrics)
-        echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={v}" for k, v in record.searched.items()))
-    echo(f"look at it: specreg runs {spec.name} | specreg ui | specreg export {spec.name} --out DIR "
+        echo(f"  {record.trial_id}: {values}  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                             for k, v in record.searched.items()))
+    echo(f"look at it: specreg runs {spec.name} (every trial against the baseline) | specreg ui | specreg export {spec.name} --out DIR "
          f"(MLflow {context['mlflow_uri']})")
     return 0
 

@@ -2,7 +2,9 @@
 retraining, ablations over seeds, the shared burn-in, ASHA, and the threat-model guard."""
 import json
 import os
+import tempfile
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -66,7 +68,6 @@ def test_conditional_keys_appear_only_where_their_condition_holds(quick):
     for trial in quick["trials"]:
         kind = trial.searched["regularizer.kind"]
         assert ("regularizer.strength" in trial.searched) == (kind != "none")
-        assert ("regularizer.target_exponent" in trial.searched) == (kind == "spectral-decay")
         assert ("regularizer.placement" in trial.searched) == (kind == "rep-spectral")
         assert trial.params["regularizer.kind"] == kind
 
@@ -117,6 +118,40 @@ def test_runs_lists_trials_as_table_csv_and_json(quick, store):
     result = cli("runs", "quickstart", "--limit", "2", "--format", "csv", "--mlflow", store)
     assert result.exit_code == 0 and len(result.output.strip().splitlines()) == 3
     assert cli("runs", "quickstart", "--mlflow", store).exit_code == 0
+
+
+def test_the_baseline_runs_once_and_runs_and_summary_compare_every_trial_with_it(quick, store):
+    trials = quick["trials"]
+    assert [t.searched for t in trials].count({"regularizer.kind": "none"}) == 1
+    assert len({json.dumps(t.searched, sort_keys=True) for t in trials}) == len(trials)
+    result = cli("runs", "quickstart", "--format", "json", "--mlflow", store)
+    assert result.exit_code == 0, result.output
+    rows = {r["trial"]: r for r in json.loads(result.output)}
+    base = next(t for t in trials if t.searched == {"regularizer.kind": "none"})
+
+    def robust(trial):  # robust at ε = 0.5 point by point: a finite distance beyond it (inf: no start point)
+        with tempfile.TemporaryDirectory() as staging:
+            distances = np.load(quick["mlflow"].download_artifacts(trial.run_id, "distances.npy", staging))
+        return (np.isfinite(distances) & (distances > 0.5)).astype(float)
+
+    for trial in trials:
+        row = rows[trial.trial_id]
+        delta = [row[f"Δ adv_acc_eps_0.5{end}"] for end in ("", " low", " high", " within noise")]
+        if trial is base:
+            assert delta == [None] * 4
+            continue
+        mean, low, high, noise = delta
+        assert mean == pytest.approx(np.mean(robust(trial) - robust(base)))  # the same 20 points, paired
+        assert low <= mean <= high and noise == (low <= 0 <= high)
+        assert row["Δ clean_acc"] is not None
+    table = cli("runs", "quickstart", "--mlflow", store).output
+    assert "Δ adv_acc_eps_0.5" in table and " pp [" in table
+    out = quick["tmp"] / "export-versus"
+    assert cli("export", "quickstart", "--out", out, "--mlflow", store).exit_code == 0
+    summary = (out / "summary.md").read_text()
+    assert f"## Every trial against the baseline ({base.trial_id})" in summary and "within noise" in summary
+    section = summary.split("## Every trial against the baseline")[1]
+    assert len([line for line in section.splitlines() if " pp [" in line]) == len(trials) - 1
 
 
 @pytest.fixture(scope="module")
