@@ -291,7 +291,7 @@ def trials_table(data: SweepData) -> list[Block]:
     return [Block("heading", "All trials"),
             Block("text", f"{note} A trial's name links to its MLflow run, served by {server}."),
             Block("table", columns=["trial", *data.sweep.search_keys, "outcome", *metrics,
-                                    *(f"Δ {m}" for m in compared)], rows=rows, name="trials")]
+                                    *(f"Δ {m} (pp)" for m in compared)], rows=rows, name="trials")]
 
 
 def best_table(data: SweepData, best: dict) -> list[Block]:
@@ -563,7 +563,7 @@ def to_markdown(blocks: list[Block], figure_dir: str) -> str:
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;"
          "line-height:1.45}.scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%;white-space:nowrap;text-align:left}"
+         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%;white-space:nowrap;text-align:left}"
          "th{background:#f3f3f3;position:sticky;top:0}tr.baseline td{font-weight:bold;background:#eef4fb}"
          "td.noise{color:#888}img{max-width:100%;height:auto}figure{margin:1.5em 0}"
          "figcaption{color:#555;font-size:90%;max-width:900px}")

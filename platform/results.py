@@ -225,7 +225,7 @@ class Difference:
         return self.low <= 0 <= self.high
 
     def __str__(self) -> str:
-        return (f"{100 * self.mean:+.1f} pp [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+        return (f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
                 + (" ≈" if self.within_noise else ""))
 
 
@@ -324,7 +324,7 @@ def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[Tria
     top = sorted(ranked, key=lambda r: (1 if objectives[0]["mode"] == "max" else -1) * -r.metrics[metrics[0]])
 
     def table(shown: list[TrialRecord], compared_metrics: list[str]) -> list[str]:
-        header = ["trial", *sweep.search_keys, *metrics, *(f"Δ {m}" for m in compared_metrics)]
+        header = ["trial", *sweep.search_keys, *metrics, *(f"Δ {m} (pp)" for m in compared_metrics)]
         rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for record in shown:
             cells = [record.trial_id + (" (confirmed)" if record.confirmed_by else "")]
@@ -371,7 +371,7 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
         records = records[:limit]
     deltas = compared(metrics) if versus else []
     columns = ["sweep", "trial", "status", "outcome", *keys, *metrics]
-    columns += [f"Δ {m}" for m in deltas] if compact else [
+    columns += [f"Δ {m} (pp)" for m in deltas] if compact else [
         f"Δ {m}{end}" for m in deltas for end in ("", " low", " high", " within noise")]
 
     bases = {base.run_id for found in by_sweep.values() if (base := baseline(found))}

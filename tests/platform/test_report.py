@@ -121,7 +121,7 @@ def test_html_report_lists_every_trial_against_the_baseline_rounded_and_linked(t
     header, *rows = next(t for t in page.tables if [c["text"] for c in t[0]["cells"]][:1] == ["trial"]
                          and "outcome" in [c["text"] for c in t[0]["cells"]])
     columns = [c["text"] for c in header["cells"]]
-    assert columns[-2:] == ["Δ clean_acc", "Δ adv_acc_eps_0.5"]
+    assert columns[-2:] == ["Δ clean_acc (pp)", "Δ adv_acc_eps_0.5 (pp)"]
     mlflow = tiny["mlflow"]
     trials = {r.trial_id: r for r in results.trials(mlflow, tiny["sweep"])}
     assert len(rows) == len(trials) == 6
@@ -138,8 +138,8 @@ def test_html_report_lists_every_trial_against_the_baseline_rounded_and_linked(t
             assert cells["regularizer.strength"]["text"] == f"{trial.searched['regularizer.strength']:.3g}"
         if row is base:
             continue
-        cell = cells["Δ adv_acc_eps_0.5"]
-        found = re.fullmatch(r"([+-]\d+\.\d) pp \[([+-]\d+\.\d), ([+-]\d+\.\d)\]( ≈)?", cell["text"])
+        cell = cells["Δ adv_acc_eps_0.5 (pp)"]
+        found = re.fullmatch(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]( ≈)?", cell["text"])
         assert found, cell["text"]
         distances = _distances(mlflow, trial.run_id)
         robust = lambda d: np.isfinite(d) & (d > 0.5)  # noqa: E731
