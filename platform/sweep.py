@@ -278,7 +278,8 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         context = _start_tracking(spec, base, uri, Path(space_path).read_text())
         # one burn-in cache per storage folder: its keys hash everything a prefix depends on, so sweeps that
         # share a prefix (a study and its follow-ups) train it once
-        context.update({"cache_dir": str(Path(storage) / CACHE_DIR), "cpus": spec.resources.cpu})
+        context.update({"cache_dir": str(Path(storage) / CACHE_DIR), "cpus": spec.resources.cpu,
+                        "offline_dir": str(sweep_dir / tracking.OFFLINE_DIR)})  # read by `sync`, below
         sweep_dir.mkdir(parents=True)
         (sweep_dir / CONTEXT_FILE).write_text(json.dumps(context))
     concurrent = max_concurrent or spec.run.max_concurrent or min(fit, spec.num_samples())

@@ -124,8 +124,8 @@ class Trial:
                 tracking.PARENT: parent, **match}
         run = tracking.RunLog.open(self.mlflow, self.context["experiment_id"], name, tags,
                                    match={tracking.PARENT: parent, **match})
-        if self.context.get("cache_dir"):  # the sweep's storage: where writes wait out a tracking outage
-            run.offline_dir = Path(self.context["cache_dir"]).parent / tracking.OFFLINE_DIR
+        if self.context.get("offline_dir"):  # in the sweep's storage: where writes wait out a tracking outage
+            run.offline_dir = Path(self.context["offline_dir"])
         return run
 
     def run(self) -> None:

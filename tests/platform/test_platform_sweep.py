@@ -187,7 +187,7 @@ def test_shared_burnin_trains_each_prefix_once_and_matches_training_from_scratch
     for seed in ("0", "1"):
         marks = sorted(r.data.tags["specreg.burnin"] for r in seed_runs if r.data.params["train.seed"] == seed)
         assert marks == ["cached", "trained"]
-    cache = ablation["tmp"] / "runs" / "ablation" / "burnin-cache"
+    cache = ablation["tmp"] / "runs" / "burnin-cache"  # one per storage folder, shared by its sweeps
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
     cached = next(r for r in seed_runs if r.data.params["train.seed"] == "0"
                   and float(r.data.params["regularizer.strength"]) == 0.1)
