@@ -15,6 +15,7 @@ epoch it resumes at only if the test says so; the failure log keeps a retried tr
 It also makes trials checkpoint at every epoch (their epochs are far shorter than the product's
 10-second checkpoint interval), so that a retried trial has a checkpoint to resume from.
 """
+import inspect
 import math
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def _faulty(builder):
             model.register_forward_hook(hook)
         return model
     build.specreg_faults = True
+    # the sweep's validation reads a model's options from its builder's signature: the builder's and ours
+    signature = inspect.signature(builder)
+    build.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *(
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in FAULT_KEYS)])
     return build
 
 
