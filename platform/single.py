@@ -4,14 +4,15 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import tracking
-from .space import check_name
+from .space import check_name, validated
 
 
 def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) -> int:
-    """Validate, train and track one config; return the exit code (BadInput/ConfigError on bad input)."""
+    """Validate (as a sweep validates its base), train and track one config; return the exit code
+    (BadInput on bad input)."""
     import specreg
 
-    resolved = specreg.validate_config(config)
+    resolved = validated(config, "config")
     check_name(name)
     uri = tracking.resolve_uri(mlflow_uri)
     tracking.check_reachable(uri)

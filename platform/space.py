@@ -372,22 +372,22 @@ def _submodel(annotation):
     return None
 
 
-def check_keys(config: dict, model=None, prefix: str = "") -> None:
-    """Refuse a key that the config's schema forbids, suggesting the closest valid one; the blocks whose
-    keys the schema passes through are checked against the library's registries (`check_options`)."""
+def check_keys(config: dict, schema=None, prefix: str = "") -> None:
+    """Refuse a key that the config's schema (a pydantic model) forbids, suggesting the closest valid one;
+    the blocks whose keys the schema passes through are checked against the library's registries."""
     import specreg.config
 
-    model = model or specreg.config.ExperimentConfig
+    schema = schema or specreg.config.ExperimentConfig
     for key, value in config.items():
-        field = model.model_fields.get(key)
-        if field is None and model.model_config.get("extra") == "forbid":
-            raise _unknown(prefix + key, value, "key", model.model_fields)
+        field = schema.model_fields.get(key)
+        if field is None and schema.model_config.get("extra") == "forbid":
+            raise _unknown(prefix + key, value, "key", schema.model_fields)
         if field is not None and isinstance(value, dict) and _submodel(field.annotation):
             check_keys(value, _submodel(field.annotation), f"{prefix}{key}.")
             check_options(f"{prefix}{key}", _submodel(field.annotation), value)
 
 
-def check_options(key: str, model, block: dict) -> None:
+def check_options(key: str, schema, block: dict) -> None:
     """A dataset, model or attack block against the datasets, the model builders' parameters and the
     attack options the library registers (a missing or mistyped name is left to the schema)."""
     import specreg.attacks
@@ -396,22 +396,23 @@ def check_options(key: str, model, block: dict) -> None:
     import specreg.models
 
     name = block.get("name")
-    if model is specreg.config.DataSpec and isinstance(name, str):
+    if schema is specreg.config.DataSpec and isinstance(name, str):
         if name not in specreg.data.DATASETS:
             raise BadInput(f"{key}.name = {name!r}: unknown dataset{did_you_mean(name, specreg.data.DATASETS)}; "
                            f"datasets: {', '.join(sorted(specreg.data.DATASETS))}")
         allowed = specreg.data.COMMON_KEYS | specreg.data.DATASETS[name].keys
         what = f"key for dataset {name!r}"
-    elif model is specreg.config.ModelSpec and name in specreg.models.MODELS:
+    elif schema is specreg.config.ModelSpec and name in specreg.models.MODELS:
         allowed = {"name", *list(inspect.signature(specreg.models.MODELS[name]).parameters)[2:]}
         what = f"option of model {name!r}"  # the builder's parameters after (input_shape, num_classes)
-    elif model is specreg.config.AttackSpec:
-        allowed = {*model.model_fields, *specreg.attacks.DEFAULTS}
+    elif schema is specreg.config.AttackSpec:
+        allowed = {*schema.model_fields, *specreg.attacks.DEFAULTS}
         what = "attack option"
     else:
         return
-    for option in sorted(block.keys() - allowed):
-        raise _unknown(f"{key}.{option}", block[option], what, allowed)
+    unknown = sorted(block.keys() - allowed)
+    if unknown:
+        raise _unknown(f"{key}.{unknown[0]}", block[unknown[0]], what, allowed)
 
 
 def check_attack(resolved: dict) -> None:
@@ -428,7 +429,7 @@ def check_attack(resolved: dict) -> None:
             raise BadInput(f"attack: {error}") from None
 
 
-def _validated(config: dict, where: str) -> dict:
+def validated(config: dict, where: str) -> dict:
     """The resolved config; BadInput naming where, the key, the value and the closest valid key."""
     import specreg
 
@@ -443,7 +444,7 @@ def _validated(config: dict, where: str) -> dict:
 
 def check(spec: SweepSpec) -> dict:
     """Every check that needs the library; return the resolved base config."""
-    base = _validated(spec.base, "base")
+    base = validated(spec.base, "base")
     keys = spec.order()
     for key in keys:
         param, where = spec.search[key], f"search.{key}"
@@ -457,7 +458,7 @@ def check(spec: SweepSpec) -> dict:
             if key.split(".")[0] not in OPEN_SECTIONS:
                 raise BadInput(f"{where}: not a key of the config") from None
         for value in param.values:
-            _validated(set_dotted(spec.base, key, value), f"{where}: value {value!r} is invalid")
+            validated(set_dotted(spec.base, key, value), f"{where}: value {value!r} is invalid")
         for ref, allowed in param.when.items():
             if ref in spec.search:
                 if spec.search[ref].finite and not set(map(json.dumps, allowed)) & set(

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from specreg_platform import results
 
-from platform_helpers import cli, ensure_ray, tiny_space, write_yaml
+from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
 
 def _base(**blocks) -> dict:
@@ -46,6 +46,18 @@ def test_the_command_refuses_every_fault_before_anything_starts(tmp_path, space,
         assert fragment in message, message
     assert "Traceback" not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no store, mlartifacts, specreg-runs
+
+
+def test_train_refuses_the_same_faults_before_anything_is_created(tmp_path):
+    write_yaml(tmp_path / "config.yaml", TINY_BASE)
+    started = time.monotonic()
+    done = subprocess.run([shutil.which("specreg"), "train", "config.yaml", "--set", "data.name=digitz"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    seconds = time.monotonic() - started
+    message = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and seconds < 10, (seconds, message)
+    assert "data.name = 'digitz'" in message and "did you mean 'digits'" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_a_config_that_fails_in_its_trial_is_not_retried_and_the_sweep_fails(tmp_path, store):
