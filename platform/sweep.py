@@ -94,11 +94,11 @@ def check_resources(spec: SweepSpec) -> int:
 
 def check_data(base: dict) -> None:
     """Refuse a dataset that is neither on disk nor downloadable (every trial would fail)."""
-    import specreg.data
+    import specreg
 
     try:
-        specreg.data.check_available(base["data"])
-    except specreg.data.DatasetNotFound as error:
+        specreg.check_available(base["data"])
+    except specreg.DatasetNotFound as error:
         raise BadInput(f"base.data: {error}") from None
 
 

@@ -130,10 +130,9 @@ class Trial:
 
     def run(self) -> None:
         import specreg
-        from specreg.loop import resolve_device
 
         try:  # the device ("auto": CUDA where this worker sees a GPU) is tracked where a failure is recorded
-            self.config_run.set_tags({tracking.DEVICE: str(resolve_device(self.resolved["train"]["device"]))})
+            self.config_run.set_tags({tracking.DEVICE: str(specreg.resolve_device(self.resolved["train"]["device"]))})
             for index in range(len(self.state["results"]), len(self.seeds)):
                 seed = self.seeds[index]
                 seed_config = set_dotted(self.resolved, "train.seed", seed)

@@ -2,10 +2,31 @@
 
 Yang, Zavatone-Veth & Pehlevan (2024), "Spectral regularization for adversarially-robust
 representation learning", arXiv 2405.17181.
+
+This top level is the library's one door: the platform (`specreg_platform`) imports only the names in
+`__all__`, never a submodule.
 """
-from .config import ConfigError, penalty_start, validate_config
-from .loop import CHECKPOINT_FILE
+from .attacks import ATTACKS, attack_options
+from .attacks import DEFAULTS as ATTACK_DEFAULTS
+from .attacks import validate as validate_attack
+from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, penalty_start, phase_epochs,
+                     validate_config)
+from .data import DATASETS, DatasetNotFound, check_available, dataset_options
+from .loop import CHECKPOINT_FILE, resolve_device
+from .models import MODELS, model_options
+from .regularizers import REGULARIZERS
+from .robustness import eps_name
 from .train import Diverged, load_checkpoint, run_experiment, save_checkpoint
 
-__all__ = ["CHECKPOINT_FILE", "ConfigError", "Diverged", "load_checkpoint", "penalty_start", "run_experiment",
-           "save_checkpoint", "validate_config"]
+__all__ = [
+    # running an experiment
+    "run_experiment", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE", "resolve_device",
+    # the experiment schema and the facts read from a resolved config
+    "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
+    "phase_epochs", "penalty_start",
+    # the registries and the options each entry reads
+    "REGULARIZERS", "MODELS", "model_options", "DATASETS", "dataset_options", "check_available",
+    "DatasetNotFound", "ATTACKS", "ATTACK_DEFAULTS", "attack_options", "validate_attack",
+    # the names of reported metrics
+    "eps_name",
+]

@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-ATTACKS = ("tangent", "hsja", "boundary-search")
+# The attack registry: name -> what it does. Every attack reads the options in DEFAULTS (attack_options);
+# config.ATTACK_NAMES is read from here.
+ATTACKS = {
+    "tangent": "Tangent Attack (Ma et al., NeurIPS 2021): a step to the optimal tangent point of a hemisphere",
+    "hsja": "HopSkipJumpAttack (Chen, Jordan & Wainwright 2020), L2 untargeted, geometric step size",
+    "boundary-search": "the starting point, binary-searched toward the input (a cheap baseline)",
+}
 DEFAULTS = {
     "start_pool": None,       # (M, *input_shape) candidate starting points, e.g. test images
     "noise_starts": 4,        # uniform-noise images tried per sample
@@ -89,6 +95,13 @@ class AttackResult:
     start: list                # per sample, one of START_KINDS
     pool_queries: int = 0      # one-off predictions of the start pool, shared by all samples
     trace: dict = field(default_factory=dict)  # iteration -> (distances, queries) after it, per `trace`
+
+
+def attack_options(name: str) -> tuple:
+    """The options attack `name` reads beyond the budget (the same for every registered attack)."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    return tuple(DEFAULTS)
 
 
 def validate(name, max_queries, options) -> dict:

@@ -82,6 +82,11 @@ def register(name: str, keys=(), augment: str | None = None):
     return add
 
 
+def dataset_options(name: str) -> frozenset:
+    """The spec keys dataset `name` reads: COMMON_KEYS and its loader's own."""
+    return COMMON_KEYS | DATASETS[name].keys
+
+
 def load(spec: dict, device="cpu") -> Data:
     """Load the dataset a spec names, apply the shared keys, and put it on `device`."""
     name = spec.get("name")

@@ -5,6 +5,7 @@ space. `normalize` picks the statistics: `dataset` (default: the training set's 
 set by `fit_normalization` when the data loads and stored as buffers), `none`, or fixed `[mean, std]`.
 Add a model by writing a builder and registering it in `MODELS`.
 """
+import inspect
 import math
 
 import torch
@@ -193,6 +194,11 @@ def resnet18(input_shape, num_classes, width=64, padding_mode="zeros", normalize
 
 
 MODELS = {"slp": slp, "mlp": mlp, "cnn": cnn, "resnet18": resnet18}
+
+
+def model_options(name: str) -> tuple:
+    """The options model `name` takes: its builder's parameters after (input_shape, num_classes)."""
+    return tuple(inspect.signature(MODELS[name]).parameters)[2:]
 
 
 def build(spec: dict, input_shape, num_classes: int) -> Classifier:
