@@ -364,6 +364,13 @@ def _unknown(key: str, value, what: str, allowed) -> BadInput:
                     f"allowed: {', '.join(sorted(map(str, allowed)))}")
 
 
+def _choices(annotation) -> tuple:
+    """The values a Literal field (or an Optional one) allows; () for any other field."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return next((_choices(a) for a in typing.get_args(annotation) if _choices(a)), ())
+
+
 def _submodel(annotation):
     """The pydantic model inside a field's annotation (through Optional and Union), or None."""
     for candidate in (annotation, *typing.get_args(annotation)):
@@ -382,6 +389,10 @@ def check_keys(config: dict, schema=None, prefix: str = "") -> None:
         field = schema.model_fields.get(key)
         if field is None and schema.model_config.get("extra") == "forbid":
             raise _unknown(prefix + key, value, "key", schema.model_fields)
+        choices = _choices(field.annotation) if field is not None else ()
+        if isinstance(value, str) and choices and value not in choices:
+            raise BadInput(f"{prefix}{key} = {value!r}: not one of {', '.join(map(str, choices))}"
+                           f"{did_you_mean(value, choices)}")
         if field is not None and isinstance(value, dict) and _submodel(field.annotation):
             check_keys(value, _submodel(field.annotation), f"{prefix}{key}.")
             check_options(f"{prefix}{key}", _submodel(field.annotation), value)

@@ -26,6 +26,7 @@ def _base(**blocks) -> dict:
     (_base(model={"widht": [8]}), ["model.widht = [8]", "did you mean 'widths'"]),
     (_base(data={"test_subst": 50}), ["data.test_subst = 50", "did you mean 'test_subset'"]),
     (_base(train={"lrr": 0.1}), ["train.lrr = 0.1", "did you mean 'lr'"]),
+    (_base(regularizer={"kind": "rep-spectal"}), ["regularizer.kind = 'rep-spectal'", "did you mean 'rep-spectral'"]),
     (_base(attack={"gamma": -1.0}), ["attack", "gamma", "-1.0"]),
     ({**tiny_space("bad"), "search": {"data.name": {"choice": ["digits", "fashion_mnst"]}}},
      ["search.data.name", "'fashion_mnst'", "did you mean 'fashion_mnist'"]),
