@@ -8,7 +8,6 @@ the parent sweep run lists its confirmations (`specreg.confirmed_by`), the child
 (`specreg.confirms_run`). `prefer_confirmed` then gives export and report the confirmed seed means.
 """
 import copy
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -17,11 +16,10 @@ import yaml
 
 from . import results, tracking
 from .errors import BadInput
+# The links' tags and reading them back live in results (below this module, which runs sweeps), where export
+# and report read them; they stay importable from here.
+from .results import CONFIRMED_BY, CONFIRMS, CONFIRMS_RUN, confirmations, prefer_confirmed  # noqa: F401
 from .space import flatten
-
-CONFIRMED_BY = "specreg.confirmed_by"
-CONFIRMS = "specreg.confirms"
-CONFIRMS_RUN = "specreg.confirms_run"
 
 
 def _canonical(value) -> str:
@@ -100,7 +98,7 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
                 mode: str | None = None, mlflow_uri: str | None = None, storage="specreg-runs",
                 max_concurrent: int | None = None, address: str | None = None, echo=print) -> int:
     """Choose the configs, run the child sweep, link it to the parent; return the exit code."""
-    from .sweep import run_sweep
+    from .sweep import run_sweep  # Ray and Optuna (about 2 s): loaded only where a confirmation runs
 
     if top < 1 or seeds < 1:
         raise BadInput(f"--top and --seeds must be at least 1, got {top} and {seeds}")
@@ -143,27 +141,3 @@ def link(mlflow, sweep: results.Sweep, child: str, chosen, configs, section: str
     tags = tracking.retry(mlflow.get_run, sweep.parent_run_id).data.tags
     names = json.loads(tags.get(CONFIRMED_BY, "[]"))
     tracking.RunLog(mlflow, sweep.parent_run_id).set_tags({CONFIRMED_BY: json.dumps([*names, child])})
-
-
-def confirmations(mlflow, sweep: results.Sweep) -> dict[str, tuple[str, results.TrialRecord]]:
-    """{parent trial run id: (child sweep name, the child's finished config record)}; the latest wins."""
-    tags = tracking.retry(mlflow.get_run, sweep.parent_run_id).data.tags
-    found = {}
-    for name in json.loads(tags.get(CONFIRMED_BY, "[]")):
-        try:
-            child = results.find_sweep(mlflow, name)
-        except BadInput:
-            continue  # the child sweep was deleted
-        for run in results.trial_runs(mlflow, child):  # one query: the records and their links (tags)
-            if run.info.status == "FINISHED":
-                confirmed = results.trial_record(name, run)
-                for parent_run in json.loads(run.data.tags.get(CONFIRMS_RUN, "[]")):
-                    found[parent_run] = (name, confirmed)
-    return found
-
-
-def prefer_confirmed(mlflow, sweep: results.Sweep, records: list[results.TrialRecord]) -> list[results.TrialRecord]:
-    """The records with each confirmed config's metrics replaced by its confirmed seed means (and marked)."""
-    found = confirmations(mlflow, sweep)
-    return [dataclasses.replace(r, metrics=found[r.run_id][1].metrics, confirmed_by=found[r.run_id][0])
-            if r.run_id in found else r for r in records]

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
-from .confirm import confirmations, parent_space
+from .confirm import parent_space
 from .errors import BadInput
-from .results import bootstrap_interval
+from .results import bootstrap_interval, confirmations
 from .space import SweepSpec, encode, flatten
 
 EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")

@@ -3,7 +3,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,11 @@ from .errors import BadInput
 SEARCH_KEYS = "specreg.search_keys"   # parent-run tags written by the sweep
 OBJECTIVES = "specreg.objectives"
 SEEDS = "specreg.seeds"
+# `specreg confirm`'s links: the parent sweep run lists its confirmations, the child sweep run names its
+# parent, each child config run names the parent trial runs it re-ran.
+CONFIRMED_BY = "specreg.confirmed_by"
+CONFIRMS = "specreg.confirms"
+CONFIRMS_RUN = "specreg.confirms_run"
 ROBUST_PREFIX = "adv_acc_eps_"        # robust accuracy at a radius: adv_acc_eps_<ε>
 BOOTSTRAP = 10_000
 
@@ -396,12 +401,34 @@ def ranking_objectives(sweep: Sweep, objective: str | None = None, mode: str | N
     return [{"metric": objective, "mode": mode or listed.get(objective, "max")}]
 
 
+def confirmations(mlflow, sweep: Sweep) -> dict[str, tuple[str, TrialRecord]]:
+    """{parent trial run id: (child sweep name, the child's finished config record)}; the latest wins."""
+    tags = tracking.retry(mlflow.get_run, sweep.parent_run_id).data.tags
+    found = {}
+    for name in json.loads(tags.get(CONFIRMED_BY, "[]")):
+        try:
+            child = find_sweep(mlflow, name)
+        except BadInput:
+            continue  # the child sweep was deleted
+        for run in trial_runs(mlflow, child):  # one query: the records and their links (tags)
+            if run.info.status == "FINISHED":
+                confirmed = trial_record(name, run)
+                for parent_run in json.loads(run.data.tags.get(CONFIRMS_RUN, "[]")):
+                    found[parent_run] = (name, confirmed)
+    return found
+
+
+def prefer_confirmed(mlflow, sweep: Sweep, records: list[TrialRecord]) -> list[TrialRecord]:
+    """The records with each confirmed config's metrics replaced by its confirmed seed means (and marked)."""
+    found = confirmations(mlflow, sweep)
+    return [replace(r, metrics=found[r.run_id][1].metrics, confirmed_by=found[r.run_id][0])
+            if r.run_id in found else r for r in records]
+
+
 def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str | None = None) -> dict:
     """Write best.yaml, pareto.yaml, trials.parquet and summary.md; return their paths."""
     sweep = find_sweep(mlflow, name)
     objectives = ranking_objectives(sweep, objective, mode)
-    from .confirm import prefer_confirmed
-
     records = prefer_confirmed(mlflow, sweep, trials(mlflow, sweep))
     metrics = [o["metric"] for o in objectives]
     ranked = rankable(records, metrics)
