@@ -3,11 +3,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import attacks, models, regularizers
 from . import placement as placement_mod
 
 TASKS = ("supervised", "ssl", "transfer")
-REGULARIZER_KINDS = ("none", "rep-spectral", "all-layer-spectral", "spectral-decay", "spectral-norm", "jacobian")
-ATTACK_NAMES = ("tangent", "hsja", "boundary-search")
+# The names the schema accepts are the registries' (one source: registering an entry adds it here).
+REGULARIZER_KINDS = tuple(regularizers.REGULARIZERS)
+ATTACK_NAMES = tuple(attacks.ATTACKS)
+MODEL_NAMES = tuple(models.MODELS)
 # Input shapes of the named datasets, so a placement can be checked against the model before any data loads.
 KNOWN_INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
                       "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic-xor": (2,),
@@ -30,7 +33,7 @@ class DataSpec(BaseModel):
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="allow")  # builder options are checked by specreg.models
-    name: Literal["slp", "mlp", "cnn", "resnet18"]
+    name: Literal[MODEL_NAMES]
 
 
 class TrainSpec(Strict):
@@ -316,8 +319,6 @@ def burnin_epochs(burnin, stage_epochs: int) -> int:
 def check_model(config: dict, input_shape, num_classes: int) -> None:
     """Build the model without allocating memory and resolve the placement against it."""
     import torch
-
-    from . import models
 
     try:
         with torch.device("meta"):

@@ -57,3 +57,53 @@ def test_readout_scale_is_refused_where_the_head_is_replaced():
     ssl = with_(task="ssl", ssl={"method": "barlow"}, model={"name": "slp", "readout_scale": 0.5})
     with pytest.raises(ConfigError, match="readout_scale"):
         validate_config(ssl)
+
+
+def _literal(model, field):
+    import typing
+
+    annotation = model.model_fields[field].annotation
+    return typing.get_args(next(a for a in (annotation, *typing.get_args(annotation))
+                                if typing.get_origin(a) is typing.Literal))
+
+
+def test_the_schema_reads_its_names_from_the_registries():
+    import specreg
+
+    assert _literal(specreg.ExperimentConfig.model_fields["regularizer"].annotation, "kind") \
+        == tuple(specreg.REGULARIZERS)
+    assert _literal(specreg.ModelSpec, "name") == tuple(specreg.MODELS)
+    assert _literal(specreg.AttackSpec, "name") == tuple(specreg.ATTACKS)
+    from specreg.config import KNOWN_INPUT_SHAPES, KNOWN_NUM_CLASSES
+    assert set(KNOWN_INPUT_SHAPES) | set(KNOWN_NUM_CLASSES) <= set(specreg.DATASETS)
+
+
+@pytest.mark.parametrize("kind", __import__("specreg").REGULARIZERS)
+def test_every_registered_regularizer_validates(kind):
+    assert validate_config(with_(regularizer={"kind": kind}))["regularizer"]["kind"] == kind
+
+
+@pytest.mark.parametrize("name", __import__("specreg").MODELS)
+def test_every_registered_model_validates(name):
+    config = validate_config({"data": {"name": "cifar10"}, "model": {"name": name}})
+    assert config["model"]["name"] == name
+
+
+@pytest.mark.parametrize("name", __import__("specreg").ATTACKS)
+def test_every_registered_attack_validates(name):
+    assert validate_config(with_(attack={"name": name}))["attack"]["name"] == name
+
+
+@pytest.mark.parametrize("name", __import__("specreg").DATASETS)
+def test_every_registered_dataset_validates(name):
+    assert validate_config(with_(data={"name": name}))["data"]["name"] == name
+
+
+@pytest.mark.parametrize("config, key", [
+    (with_(regularizer={"kind": "not-registered"}), "regularizer.kind"),
+    (with_(model={"name": "not-registered"}), "model.name"),
+    (with_(attack={"name": "not-registered"}), "attack.name"),
+])
+def test_an_unregistered_name_is_refused(config, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_config(config)
