@@ -7,7 +7,6 @@ started, and raises `BadInput` naming the key, the value and the closest valid k
 """
 import copy
 import difflib
-import inspect
 import json
 import math
 import re
@@ -33,9 +32,9 @@ OPEN_SECTIONS = ("data", "model")
 
 def eps_metric(eps: float) -> str:
     """Name of the robust accuracy at radius eps, as `specreg.robustness` reports it."""
-    from specreg.robustness import eps_name
+    import specreg
 
-    return f"adv_acc_eps_{eps_name(eps)}"
+    return f"adv_acc_eps_{specreg.eps_name(eps)}"
 
 
 def check_name(name: str) -> str:
@@ -382,9 +381,9 @@ def _submodel(annotation):
 def check_keys(config: dict, schema=None, prefix: str = "") -> None:
     """Refuse a key that the config's schema (a pydantic model) forbids, suggesting the closest valid one;
     the blocks whose keys the schema passes through are checked against the library's registries."""
-    import specreg.config
+    import specreg
 
-    schema = schema or specreg.config.ExperimentConfig
+    schema = schema or specreg.ExperimentConfig
     for key, value in config.items():
         field = schema.model_fields.get(key)
         if field is None and schema.model_config.get("extra") == "forbid":
@@ -401,23 +400,20 @@ def check_keys(config: dict, schema=None, prefix: str = "") -> None:
 def check_options(key: str, schema, block: dict) -> None:
     """A dataset, model or attack block against the datasets, the model builders' parameters and the
     attack options the library registers (a missing or mistyped name is left to the schema)."""
-    import specreg.attacks
-    import specreg.config
-    import specreg.data
-    import specreg.models
+    import specreg
 
     name = block.get("name")
-    if schema is specreg.config.DataSpec and isinstance(name, str):
-        if name not in specreg.data.DATASETS:
-            raise BadInput(f"{key}.name = {name!r}: unknown dataset{did_you_mean(name, specreg.data.DATASETS)}; "
-                           f"datasets: {', '.join(sorted(specreg.data.DATASETS))}")
-        allowed = specreg.data.COMMON_KEYS | specreg.data.DATASETS[name].keys
+    if schema is specreg.DataSpec and isinstance(name, str):
+        if name not in specreg.DATASETS:
+            raise BadInput(f"{key}.name = {name!r}: unknown dataset{did_you_mean(name, specreg.DATASETS)}; "
+                           f"datasets: {', '.join(sorted(specreg.DATASETS))}")
+        allowed = specreg.dataset_options(name)
         what = f"key for dataset {name!r}"
-    elif schema is specreg.config.ModelSpec and name in specreg.models.MODELS:
-        allowed = {"name", *list(inspect.signature(specreg.models.MODELS[name]).parameters)[2:]}
+    elif schema is specreg.ModelSpec and name in specreg.MODELS:
+        allowed = {"name", *specreg.model_options(name)}
         what = f"option of model {name!r}"  # the builder's parameters after (input_shape, num_classes)
-    elif schema is specreg.config.AttackSpec:
-        allowed = {*schema.model_fields, *specreg.attacks.DEFAULTS}
+    elif schema is specreg.AttackSpec:
+        allowed = {*schema.model_fields, *specreg.ATTACK_DEFAULTS}
         what = "attack option"
     else:
         return
@@ -428,14 +424,13 @@ def check_options(key: str, schema, block: dict) -> None:
 
 def check_attack(resolved: dict) -> None:
     """The attack options' values, as the attack itself checks them before its first query."""
-    import specreg.attacks
-    import specreg.config
+    import specreg
 
     attack = resolved.get("attack")
     if attack:
-        options = {k: v for k, v in attack.items() if k not in specreg.config.AttackSpec.model_fields}
+        options = {k: v for k, v in attack.items() if k not in specreg.AttackSpec.model_fields}
         try:
-            specreg.attacks.validate(attack["name"], attack["max_queries"], options)
+            specreg.validate_attack(attack["name"], attack["max_queries"], options)
         except ValueError as error:
             raise BadInput(f"attack: {error}") from None
 
