@@ -105,7 +105,8 @@ def allocator_part(rounds: int, threads: int) -> list[str]:
     lines = ["", "## Allocator: freed memory kept for reuse (`specreg.loop.keep_freed_memory`)", "",
              f"The SLP above, and an MLP 64→1024→1024→1024→10 (GELU) at batch 32 as in the sweep benchmark; "
              f"rep-spectral at every=1. {rounds} child processes per setting, alternating, each the median of "
-             "8 rounds; the table gives the median over processes.", "",
+             "8 rounds; the table gives the median over processes. An earlier run gave the SLP-2000's "
+             "batch-1024 step 1.09–1.12× slower with glibc's defaults.", "",
              "| step | glibc default (ms) | keep freed (ms) | speed-up |", "| --- | --- | --- | --- |"]
     for name in results["keep-freed"][0]:
         default = statistics.median(r[name] for r in results["glibc default"])

@@ -72,18 +72,12 @@ START_QUERIES = 1000
 MIN_EVALS = 10  # a normal estimate from fewer probes is not worth its queries
 UNLIMITED = 2 ** 62  # the per-sample budget when max_queries is None
 MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-D inputs)
-# Bisections of the tangent radius between the accepted and the last failed one. Once the tangent point is
+# Bisections of the tangent radius between the accepted and the last failed one (once the tangent point is
 # adversarial its distance to the input is sqrt(dist² − r²), so the largest radius that works is the best
-# step. In bench/attacks.py --part budgets (200 points, seeds 0-2) 3 bisections took tangent ÷ hsja at
-# 300 / 1000 / 2385 queries from 0.964 / 0.996 / 1.002 to 0.941 / 0.985 / 0.997 on the digits MLP, from
-# 0.995 / 1.007 / 1.010 to 0.988 / 0.991 / 1.005 on the Fashion-MNIST MLP and from 0.997 / 0.998 / 1.012
-# to 0.973 / 0.984 / 1.004 on the SLP-2000 (over seeds 0-11 now 0.947-0.979 at 300, 0.985-0.993 at 1000,
-# 0.995-1.004 at 2385). 1, 2, 4, 5 or 6 bisections did no better at 2385 (docs/benchmarks_attacks.md).
+# step). Measured: docs/benchmarks_attacks.md, "TANGENT_REFINE".
 TANGENT_REFINE = 3
-# Rows per forward pass on a CPU: chunks whose activations stay in cache ran up to 2.6x faster than 8192
-# rows. With the normal estimate's broadcast probes, 512-row chunks took 0.84-0.93x the time of the earlier
-# gathered 256-row ones on the benchmark's Fashion-MNIST MLP with 2 threads (0.92x on digits, 0.99x on the
-# SLP-2000, 0.96x with 1 thread); a 1024-row forward pass cost that MLP twice as much per row.
+# Rows per forward pass on a CPU, where chunks whose activations stay in cache run fastest. Measured:
+# docs/benchmarks_attacks.md, "CPU_BATCH".
 CPU_BATCH = 512
 
 

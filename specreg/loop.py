@@ -54,10 +54,10 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed heap memory for reuse instead of returning it to the OS after every step.
 
     A CPU training step frees and re-allocates the same multi-megabyte gradient and activation buffers;
-    with glibc's defaults they go back to the OS and are page-faulted in again on the next step, which
-    made the SLP-2000's batch-1024 step 1.09-1.12x slower (bench/regularizer_overhead.py, its allocator
-    table). No library does this without LD_PRELOAD (jemalloc, tcmalloc), so it is two `mallopt` calls: buffers up
+    with glibc's defaults they go back to the OS and are page-faulted in again on the next step. No
+    library does this without LD_PRELOAD (jemalloc, tcmalloc), so it is two `mallopt` calls: buffers up
     to 32 MiB come from the heap, and up to 1 GiB of free heap is kept. Elsewhere than glibc: nothing.
+    Measured: docs/benchmarks_regularizer.md, "Allocator".
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is not None:
