@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import yaml
 
+import specreg
+
 # Before MLflow is first imported: its telemetry client starts at import, cannot reach the network from
 # a cluster without egress, and sets/unsets an environment variable from a background thread, which
 # raced `requests` reading os.environ (KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in a trial).
@@ -180,8 +182,6 @@ def ensure_experiment(mlflow: MlflowClient, name: str, uri: str) -> str:
 
 def git_commit() -> str:
     """The commit of the checkout that holds the library, or '' outside a git checkout."""
-    import specreg
-
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(specreg.__file__).parent,
                              capture_output=True, text=True, timeout=10)
@@ -203,17 +203,9 @@ def threat_model_tag(resolved: dict) -> str:
     return "/".join(str(v) for v in threat_model(resolved).values()) or "none"
 
 
-# The regularizer options each kind reads (specreg.regularizers and the training loop): a run logs only
-# these, so that a rep-spectral run shows no target_exponent and a `none` run no strength.
-REGULARIZER_OPTIONS = {
-    "none": (),
-    "rep-spectral": ("strength", "placement", "every", "burnin", "n_power_iterations", "conv_mode",
-                     "activation_term"),
-    "all-layer-spectral": ("strength", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term"),
-    "spectral-decay": ("strength", "placement", "every", "burnin", "target_exponent", "tau", "refresh_samples"),
-    "spectral-norm": ("placement", "burnin"),
-    "jacobian": ("strength", "every", "burnin", "projections"),
-}
+# The regularizer options each kind reads, as its registry entry declares them: a run logs only these, so
+# that a rep-spectral run shows no target_exponent and a `none` run no strength.
+REGULARIZER_OPTIONS = {kind: specreg.regularizer_options(kind) for kind in specreg.REGULARIZERS}
 
 
 def run_params(resolved: dict) -> dict:
@@ -450,8 +442,6 @@ def config_yaml(config: dict) -> bytes:
 
 def result_files(resolved: dict, result: dict, checkpoint_dir=None) -> dict[str, bytes]:
     """The artifacts of a finished run: its config, final model weights, attack distances, spectrum."""
-    import specreg
-
     files = {"config.yaml": config_yaml(resolved)}
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "state.pt").is_file():
         buffer = io.BytesIO()

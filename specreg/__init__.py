@@ -14,7 +14,7 @@ from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelS
 from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
-from .regularizers import REGULARIZERS
+from .regularizers import REGULARIZERS, regularizer_options
 from .robustness import eps_name
 from .train import Diverged, load_checkpoint, run_experiment, save_checkpoint
 
@@ -25,8 +25,8 @@ __all__ = [
     "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
     "phase_epochs", "penalty_start",
     # the registries and the options each entry reads
-    "REGULARIZERS", "MODELS", "model_options", "DATASETS", "dataset_options", "check_available",
-    "DatasetNotFound", "ATTACKS", "ATTACK_DEFAULTS", "attack_options", "validate_attack",
+    "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",
+    "check_available", "DatasetNotFound", "ATTACKS", "ATTACK_DEFAULTS", "attack_options", "validate_attack",
     # the names of reported metrics
     "eps_name",
 ]

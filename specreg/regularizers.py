@@ -16,6 +16,10 @@ from .placement import resolve, weight_layers
 class Regularizer(nn.Module):
     """No penalty. Also the base class: it logs σ_max of the layers it is placed on."""
 
+    # The config options (regularizer.*) this kind and the training loop read besides `kind`; a tracked run
+    # logs only these (stage too, in task transfer).
+    OPTIONS: tuple[str, ...] = ()
+
     def __init__(self, spec: dict):
         super().__init__()
         self.spec = dict(spec)
@@ -68,6 +72,8 @@ class Regularizer(nn.Module):
 class RepSpectral(Regularizer):
     """λ · Σ σ_max(W_l)² over the placed layers (default: every weight layer up to the features)."""
 
+    OPTIONS = ("strength", "placement", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term")
+
     def attach(self, model):
         super().attach(model)
         modules = dict(model.named_modules())
@@ -114,6 +120,8 @@ class RepSpectral(Regularizer):
 class AllLayerSpectral(RepSpectral):
     """The end-to-end baseline (Yoshida & Miyato 2017): every weight layer, readout included."""
 
+    OPTIONS = ("strength", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term")
+
     def __init__(self, spec):
         super().__init__({**spec, "placement": "all"})
 
@@ -126,6 +134,8 @@ class SpectralDecay(Regularizer):
     The penalty follows `eigen_val_regulate` in josuenassar/power_law, ModelDefs/utils.py (lines cited
     in `penalty`); `tau` is their `start` (`eig_start`), a 0-based index.
     """
+
+    OPTIONS = ("strength", "placement", "every", "burnin", "target_exponent", "tau", "refresh_samples")
 
     def attach(self, model):
         super().attach(model)
@@ -202,6 +212,8 @@ class SpectralDecay(Regularizer):
 class SpectralNormConstraint(Regularizer):
     """The hard-constraint baseline: torch's spectral-norm parametrization on the placed layers."""
 
+    OPTIONS = ("placement", "burnin")
+
     def activate(self, model):
         modules = dict(model.named_modules())
         for name in self.layer_names:
@@ -212,6 +224,8 @@ class SpectralNormConstraint(Regularizer):
 
 class Jacobian(Regularizer):
     """Random-projection estimate of ‖∂features/∂x‖_F² (Hoffman et al. 2019), the input-gradient baseline."""
+
+    OPTIONS = ("strength", "every", "burnin", "projections")
 
     def attach(self, model):
         super().attach(model)
@@ -243,6 +257,11 @@ REGULARIZERS = {
     "spectral-norm": SpectralNormConstraint,
     "jacobian": Jacobian,
 }
+
+
+def regularizer_options(kind: str) -> tuple[str, ...]:
+    """The regularizer.* options that kind `kind` reads besides `kind` (its class's OPTIONS)."""
+    return REGULARIZERS[kind].OPTIONS
 
 
 def build(spec: dict) -> Regularizer:

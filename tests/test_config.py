@@ -107,3 +107,13 @@ def test_every_registered_dataset_validates(name):
 def test_an_unregistered_name_is_refused(config, key):
     with pytest.raises(ConfigError, match=key):
         validate_config(config)
+
+
+@pytest.mark.parametrize("kind", __import__("specreg").REGULARIZERS)
+def test_every_regularizer_declares_options_the_schema_has(kind):
+    import specreg
+
+    options = specreg.regularizer_options(kind)
+    fields = set(specreg.ExperimentConfig.model_fields["regularizer"].annotation.model_fields)
+    assert set(options) <= fields - {"kind", "stage"}, f"{kind}: {sorted(set(options) - fields)}"
+    assert ("strength" in options) == (kind not in ("none", "spectral-norm"))
