@@ -4,6 +4,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import attacks, models, regularizers
+from . import data as data_mod
 from . import placement as placement_mod
 
 TASKS = ("supervised", "ssl", "transfer")
@@ -11,11 +12,10 @@ TASKS = ("supervised", "ssl", "transfer")
 REGULARIZER_KINDS = tuple(regularizers.REGULARIZERS)
 ATTACK_NAMES = tuple(attacks.ATTACKS)
 MODEL_NAMES = tuple(models.MODELS)
-# Input shapes of the named datasets, so a placement can be checked against the model before any data loads.
-KNOWN_INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
-                      "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic-xor": (2,),
-                      "synthetic-sin": (2,)}
-KNOWN_NUM_CLASSES = {"cifar100": 100, "synthetic-xor": 2, "synthetic-sin": 2}
+# Input shapes of the named datasets, so a placement can be checked against the model before any data loads
+# (the dataset registry's facts).
+KNOWN_INPUT_SHAPES = {name: d.input_shape for name, d in data_mod.DATASETS.items() if d.input_shape is not None}
+KNOWN_NUM_CLASSES = {name: d.num_classes for name, d in data_mod.DATASETS.items() if d.num_classes is not None}
 
 
 class ConfigError(ValueError):

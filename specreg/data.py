@@ -3,7 +3,9 @@
 `load(spec, device)` looks the spec's `name` up in `DATASETS`; a loader returns numpy `Arrays` and `load`
 applies the keys every dataset shares (`classes`, `train_subset`, `test_subset`, `augment`, `seed`),
 converts to float32 pixels in [0, 1] and moves everything to the device. Add a dataset by writing a loader
-`fn(spec) -> Arrays` and decorating it with `@register(name, keys=...)`.
+`fn(spec) -> Arrays` and decorating it with `@register(name, keys=...)`, with the facts known before loading
+(`input_shape`, `num_classes`, `flippable`) where they are fixed: the config checks a model and placement
+against them, and SSL's default views flip only flippable images.
 
 File datasets are looked for in the spec's `root` (default `~/.cache/specreg`), then `$SPECREG_DATA`, then
 system folders (the Debian `fashion-mnist` package), and only then downloaded with torchvision into `root`.
@@ -67,16 +69,20 @@ class Dataset:
     loader: Callable[[dict], Arrays]
     keys: frozenset  # spec keys this loader reads, beyond COMMON_KEYS
     augment: str | None  # default training augmentation
+    input_shape: tuple | None = None  # known before loading (None: depends on the files, e.g. npz)
+    num_classes: int | None = None  # known before loading (ignoring `classes`)
+    flippable: bool = False  # a horizontal flip keeps the label (SSL's default views flip these)
 
 
 DATASETS: dict[str, Dataset] = {}
 
 
-def register(name: str, keys=(), augment: str | None = None):
-    """Decorator adding a loader to `DATASETS` under `name`."""
+def register(name: str, keys=(), augment: str | None = None, input_shape: tuple | None = None,
+             num_classes: int | None = None, flippable: bool = False):
+    """Decorator adding a loader to `DATASETS` under `name`, with the facts known before loading."""
 
     def add(fn):
-        DATASETS[name] = Dataset(fn, frozenset(keys), augment)
+        DATASETS[name] = Dataset(fn, frozenset(keys), augment, input_shape, num_classes, flippable)
         return fn
 
     return add
@@ -201,7 +207,7 @@ def _torchvision_download(spec: dict, class_name: str) -> tuple:
 
 # ---------------------------------------------------------------------------------------- loaders
 
-@register("digits", keys=("test_fraction",))
+@register("digits", keys=("test_fraction",), input_shape=(1, 8, 8), num_classes=10)
 def _digits(spec: dict) -> Arrays:
     """scikit-learn's 8×8 digits (0–16 → [0, 1]), split stratified with `seed` (default 20% test)."""
     from sklearn.datasets import load_digits
@@ -263,8 +269,8 @@ def check_available(spec: dict) -> None:
         _locate_idx(spec)
 
 
-@register("mnist", keys=("root", "download"))
-@register("fashion_mnist", keys=("root", "download"))
+@register("mnist", keys=("root", "download"), input_shape=(1, 28, 28), num_classes=10)
+@register("fashion_mnist", keys=("root", "download"), input_shape=(1, 28, 28), num_classes=10, flippable=True)
 def _idx_dataset(spec: dict) -> Arrays:
     """MNIST / Fashion-MNIST from IDX files, 1×28×28."""
     files = _locate_idx(spec)
@@ -298,8 +304,10 @@ def _locate_cifar(spec: dict) -> Path:
     return _locate(spec["name"], places, find, _torchvision_download(spec, class_name))
 
 
-@register("cifar10", keys=("root", "download"), augment="crop-flip")
-@register("cifar100", keys=("root", "download"), augment="crop-flip")
+@register("cifar10", keys=("root", "download"), augment="crop-flip", input_shape=(3, 32, 32), num_classes=10,
+          flippable=True)
+@register("cifar100", keys=("root", "download"), augment="crop-flip", input_shape=(3, 32, 32), num_classes=100,
+          flippable=True)
 def _cifar(spec: dict) -> Arrays:
     """CIFAR-10 / CIFAR-100 (fine labels) from the python pickle batches, 3×32×32."""
     folder, train_files, test_files, label_key, num_classes, class_name = _CIFAR_SOURCES[spec["name"]]
@@ -350,7 +358,7 @@ def _as_pixels(x: np.ndarray, what: str) -> np.ndarray:
                      f"got {x.dtype} in [{low}, {high}]")
 
 
-@register("imagefolder", keys=("path", "image_size"))
+@register("imagefolder", keys=("path", "image_size"), flippable=True)
 def _imagefolder(spec: dict) -> Arrays:
     """torchvision ImageFolder trees `path/train/<class>/*` and `path/test/<class>/*` (RGB), decoded once;
     `image_size` (int or [h, w]) resizes. Class indices follow the sorted train folder names."""
@@ -393,8 +401,8 @@ _BOUNDARIES = {  # the paper's 2-D toy problems: the label of a point p in [0, 1
 }
 
 
-@register("synthetic-xor", keys=("n_train", "n_test"))
-@register("synthetic-sin", keys=("n_train", "n_test"))
+@register("synthetic-xor", keys=("n_train", "n_test"), input_shape=(2,), num_classes=2)
+@register("synthetic-sin", keys=("n_train", "n_test"), input_shape=(2,), num_classes=2)
 def _synthetic(spec: dict) -> Arrays:
     """Points uniform in [0, 1]² labelled by a fixed boundary; train and test drawn from independent seeded
     streams, so the test set does not depend on `n_train`."""

@@ -18,8 +18,8 @@ from .config import check_model
 from .loop import Phase, Run, encoder_metrics
 from .probe import knn_accuracy, probe_head, probe_phase
 
-# Datasets whose classes survive a horizontal flip (digits do not).
-FLIPPABLE = frozenset({"fashion_mnist", "cifar10", "cifar100", "imagefolder"})
+# Datasets whose classes survive a horizontal flip (digits do not), as the dataset registry declares them.
+FLIPPABLE = frozenset(name for name, d in data_mod.DATASETS.items() if d.flippable)
 NO_AUGMENT = {"crop": 1.0, "flip": False, "jitter": 0.0, "grayscale": 0.0, "noise": 0.0}
 
 

@@ -313,3 +313,18 @@ def test_batches_on_cuda_with_cpu_generator():
     assert sorted(torch.cat([yb for _, yb in out]).tolist()) == list(range(40))
     d = data.load({"name": "digits", "train_subset": 10}, device="cuda")
     assert d.x_train.is_cuda and d.y_test.is_cuda
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic-xor", "synthetic-sin", "mnist", "fashion_mnist", "cifar10"])
+def test_the_registry_facts_are_what_the_loader_returns(tmp_path, name):
+    """input_shape and num_classes, which the config checks a model against before loading, are right."""
+    spec = {"name": name}
+    if name == "cifar10":
+        write_cifar10(tmp_path)
+    elif name in ("mnist", "fashion_mnist"):
+        write_mnist(tmp_path / name)
+    if name in ("mnist", "fashion_mnist", "cifar10"):
+        spec.update(root=str(tmp_path), download=False)
+    d = data.load(spec)
+    entry = data.DATASETS[name]
+    assert (tuple(d.input_shape), d.num_classes) == (entry.input_shape, entry.num_classes)
