@@ -29,8 +29,8 @@ def _only(folder, *names):
                  ["regularizer.placement", "upto:7"], id="placement-resolves-to-no-layer"),
     pytest.param(_space(regularizer={"kind": "rep-spectral", "strength": -0.1}),
                  ["regularizer.strength", "-0.1"], id="negative-strength"),
-    pytest.param(_space(regularizer={"kind": "rep-spectral", "strength": 0.1, "burnin": 1.0}),
-                 ["regularizer.burnin", "1.0"], id="burnin-not-below-1"),
+    pytest.param(_space(regularizer={"kind": "rep-spectral", "strength": 0.1, "burnin": 1.5}),
+                 ["regularizer.burnin", "1.5"], id="burnin-neither-fraction-nor-epochs"),
     pytest.param(_space(attack={"eps": [0.5, 0.0]}), ["attack.eps", "0.0"], id="eps-not-positive"),
     pytest.param(_space(attack={"samples": 0}), ["attack.samples", "0"], id="attack-samples-below-1"),
 ])
