@@ -3,39 +3,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from specreg import attacks
+from test_attacks import Counting, Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Linear(nn.Module):
-    """Logits [0, w·x + b] in float64, so the exact distance to the boundary is |w·x + b| / ‖w‖."""
-
-    def __init__(self, w, b):
-        super().__init__()
-        self.register_buffer("w", w.double())
-        self.b = b
-
-    def margin(self, x):
-        return x.reshape(len(x), -1).double() @ self.w + self.b
-
-    def forward(self, x):
-        z = self.margin(x)
-        return torch.stack([torch.zeros_like(z), z], 1).float()
-
-
-class Counting(nn.Module):
-    """Counts the rows the attack feeds the wrapped model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, 0
-
-    def forward(self, x):
-        self.rows += len(x)
-        return self.model(x)
 
 
 def one_class_problem(n=64, d=64, gap=0.6, seed=0):
