@@ -132,9 +132,11 @@ def holm(pvalues: list[float]) -> list[float]:
 
 # --- tables and figures ------------------------------------------------------------------------------------
 
-def fmt(mean, half, scale=1.0, digits=3):
-    text = f"{scale * mean:.{digits}g}" if scale == 1 else f"{scale * mean:.1f}"
-    return text if math.isnan(half) else text + (f" ± {half:.{digits}g}" if scale == 1 else f" ± {scale * half:.1f}")
+def fmt(mean, half, scale=1.0, spec=".3f"):
+    """mean ± half-width: percentages (scale 100) to 0.1, other values in `spec`."""
+    spec = ".1f" if scale == 100 else spec
+    text = f"{scale * mean:{spec}}"
+    return text if math.isnan(half) else f"{text} ± {scale * half:{spec}}"
 
 
 def arm_table(records: list[dict]) -> str:
@@ -147,7 +149,7 @@ def arm_table(records: list[dict]) -> str:
         m = lambda key: t_interval([r["metrics"][key] for r in group])  # noqa: E731
         cells = [fmt(*m("clean_acc"), 100), fmt(*m("adv_dist_median_correct")),
                  *(fmt(*m(f"adv_acc_correct_eps_{e}"), 100) for e in EPS_TABLE), fmt(*m("adv_acc_eps_1.0"), 100),
-                 fmt(*m("adv_auc")), fmt(*m("sigma_sq_sum"))]
+                 fmt(*m("adv_auc")), fmt(*m("sigma_sq_sum"), spec=".1f")]
         rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
