@@ -37,9 +37,12 @@ class Normalize(nn.Module):
         return (x - self.mean.view(shape)) / self.std.view(shape)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fixed_statistics(value):
-    if not (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[1] > 0):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)) and value[1] > 0):
         raise ValueError(f"model.normalize: must be 'dataset', 'none' or [mean, std] with std > 0, got {value!r}")
     return value
 
@@ -91,7 +94,7 @@ def _activation(name: str) -> nn.Module:
 def _readout_factor(readout_scale, width: int) -> float:
     if readout_scale == "1/sqrt(width)":
         return width ** -0.5
-    if isinstance(readout_scale, (int, float)) and not isinstance(readout_scale, bool) and readout_scale > 0:
+    if _is_number(readout_scale) and readout_scale > 0:
         return float(readout_scale)
     raise ValueError(f"model.readout_scale: must be a number > 0 or '1/sqrt(width)', got {readout_scale!r}")
 
@@ -114,7 +117,7 @@ def mlp(input_shape, num_classes, widths=(256,), activation="relu", normalize="d
         head = nn.Sequential(head, Scale(factor))
     model = Classifier(nn.Sequential(*layers), head, input_shape)
     if init_std is not None:
-        if not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool) and init_std > 0):
+        if not (_is_number(init_std) and init_std > 0):
             raise ValueError(f"model.init_std: must be a number > 0, got {init_std!r}")
         for module in model.modules():
             if isinstance(module, nn.Linear):
