@@ -437,16 +437,21 @@ def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str |
     if not ranked:
         raise RuntimeError(f"sweep {name!r} has no finished trial with {', '.join(metrics)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     top = best(ranked, metrics[0], objectives[0]["mode"])
     front = pareto(ranked, objectives)
+    # Everything is read from the store first, so a store whose artifacts cannot be read leaves no folder behind.
+    texts = {
+        "best.yaml": yaml.safe_dump(portable(run_config(mlflow, top.run_id), out), sort_keys=False),
+        "pareto.yaml": yaml.safe_dump([
+            {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "confirmed_by": r.confirmed_by or None,
+             "metrics": {m: r.metrics[m] for m in metrics},
+             "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False),
+        "summary.md": summary_markdown(sweep, records, ranked, objectives, front,
+                                       differences(mlflow, records, metrics)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
     paths = {file: out / file for file in ("best.yaml", "pareto.yaml", "trials.parquet", "summary.md")}
-    paths["best.yaml"].write_text(yaml.safe_dump(portable(run_config(mlflow, top.run_id), out), sort_keys=False))
-    paths["pareto.yaml"].write_text(yaml.safe_dump([
-        {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "confirmed_by": r.confirmed_by or None,
-         "metrics": {m: r.metrics[m] for m in metrics},
-         "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False))
+    for file, text in texts.items():
+        paths[file].write_text(text)
     write_parquet(records, paths["trials.parquet"])
-    paths["summary.md"].write_text(summary_markdown(sweep, records, ranked, objectives, front,
-                                                    differences(mlflow, records, metrics)))
     return paths

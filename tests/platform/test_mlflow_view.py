@@ -118,3 +118,15 @@ def test_a_store_copied_without_its_artifacts_is_refused_naming_the_folder(swept
         said = "".join(result.output.split())  # as one line, whatever the console wrapped
         assert str(swept["folder"] / tracking.ARTIFACT_DIR) in said and "nomlartifacts/besideit" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lone"]  # no output folder
+
+
+def test_export_that_cannot_read_a_run_leaves_no_output_folder(swept, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(swept["folder"], copy, ignore=shutil.ignore_patterns("specreg-runs"))
+    configs = list((copy / tracking.ARTIFACT_DIR).rglob("config.yaml"))
+    assert configs
+    for config in configs:  # every trial's resolved config is gone from the copy
+        config.unlink()
+    result = cli("export", "view", "--out", tmp_path / "out", "--mlflow", copy / "mlruns.db")
+    assert result.exit_code != 0
+    assert not (tmp_path / "out").exists()
