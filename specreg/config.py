@@ -1,4 +1,5 @@
 """The experiment config: pydantic models that name the bad key and value on every error."""
+import difflib
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,9 +27,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def did_you_mean(word, choices) -> str:
+    """` (did you mean 'x'?)` where one of choices is close to word (difflib), else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _refuse_unknown(spec: BaseModel, allowed, what: str) -> None:
+    """A block's keys beyond its declared fields must be among the options its registry entry reads."""
+    allowed = set(allowed) | set(type(spec).model_fields)
+    unknown = sorted(set(spec.model_extra or {}) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} for {what}{did_you_mean(unknown[0], allowed)}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")  # loader-specific keys are checked by specreg.data
+    # A loader's own keys pass through to specreg.data; which keys a dataset reads is its registry entry's.
+    model_config = ConfigDict(extra="allow")
     name: str
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.name not in data_mod.DATASETS:
+            raise ValueError(f"unknown dataset {self.name!r}{did_you_mean(self.name, data_mod.DATASETS)}; "
+                             f"datasets: {', '.join(sorted(data_mod.DATASETS))}")
+        _refuse_unknown(self, data_mod.dataset_options(self.name), f"dataset {self.name!r}")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -96,7 +121,8 @@ class RegularizerSpec(Strict):
 
 
 class AttackSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")  # attack options pass through to specreg.attacks.run
+    # Attack options pass through to specreg.attacks.run; which ones an attack reads is its registry's.
+    model_config = ConfigDict(extra="allow")
     name: Literal[ATTACK_NAMES] = "tangent"
     samples: int = Field(500, ge=1)
     # Queries per point; null: no budget, the attack stops after `iterations` (one of the two is required).
@@ -107,6 +133,11 @@ class AttackSpec(BaseModel):
     # Attack the first `samples` correctly classified test points (Yang et al.'s protocol) instead of the
     # first `samples` test points with misclassified ones at distance 0.
     correct_only: bool = False
+
+    @model_validator(mode="after")
+    def _known_options(self):
+        _refuse_unknown(self, attacks.attack_options(self.name), f"attack {self.name!r}")
+        return self
 
     @model_validator(mode="after")
     def _stopping_rule(self):
@@ -240,7 +271,7 @@ def _format(error: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "config"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{key}: {e['msg']}{shown}")
+        lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "; ".join(lines)
 
 

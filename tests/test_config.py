@@ -117,3 +117,39 @@ def test_every_regularizer_declares_options_the_schema_has(kind):
     fields = set(specreg.ExperimentConfig.model_fields["regularizer"].annotation.model_fields)
     assert set(options) <= fields - {"kind", "stage"}, f"{kind}: {sorted(set(options) - fields)}"
     assert ("strength" in options) == (kind not in ("none", "spectral-norm"))
+
+
+@pytest.mark.parametrize("config, names", [
+    (with_(data={"name": "digits", "test_subst": 50}), ["data", "'test_subst'", "did you mean 'test_subset'"]),
+    (with_(data={"name": "digits", "root": "~/data"}), ["data", "'root'", "'digits'"]),  # a key of mnist's only
+    (with_(data={"name": "digitz"}), ["data", "'digitz'", "did you mean 'digits'"]),
+    (with_(attack={"max_evalz": 10}), ["attack", "'max_evalz'", "did you mean 'max_evals'"]),
+    (with_(attack={"name": "hsja", "iteration": 40}), ["attack", "'iteration'", "did you mean 'iterations'"]),
+    (with_(task="transfer", source={"data": {"name": "digits", "train_subst": 9}, "epochs": 1}),
+     ["source.data", "'train_subst'", "did you mean 'train_subset'"]),
+])
+def test_an_unknown_data_or_attack_key_is_refused_at_validation(config, names):
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    for name in names:
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("name", __import__("specreg").DATASETS)
+def test_every_option_a_dataset_registers_is_accepted(name):
+    import specreg
+
+    options = {key: 1 for key in specreg.dataset_options(name) if key != "name"}
+    assert options, name
+    config = validate_config(with_(data={"name": name, **options}))
+    assert set(config["data"]) == set(specreg.dataset_options(name))
+
+
+@pytest.mark.parametrize("name", __import__("specreg").ATTACKS)
+def test_every_option_an_attack_registers_is_accepted(name):
+    import specreg
+
+    options = {key: 1 for key in specreg.attack_options(name) if key not in specreg.AttackSpec.model_fields}
+    config = validate_config(with_(attack={"name": name, **options}))
+    assert set(options) <= set(config["attack"])
+    assert set(config["attack"]) == set(options) | set(specreg.AttackSpec.model_fields)
