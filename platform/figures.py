@@ -14,9 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-KINDS = ("none", "rep-spectral", "all-layer-spectral", "spectral-decay", "spectral-norm", "jacobian")
-# Okabe & Ito's colour-blind-safe palette, one colour and one marker per kind (the marker tells kinds apart
-# in grey too); other labels are hashed onto the last two colours and the markers.
+import specreg  # noqa: E402
+
+# The regularizer kinds in the library's registry order: a newly registered kind gets the next colour.
+KINDS = tuple(specreg.REGULARIZERS)
+# Okabe & Ito's colour-blind-safe palette, one colour and one marker per kind in order (the marker tells
+# kinds apart in grey too); other labels are hashed onto the colours and markers the kinds leave.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#CC79A7", "#D55E00", "#999999")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DPI = 144  # the report shows figures at 96 pixels per inch: 1.5 device pixels per CSS pixel
@@ -26,7 +29,10 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9
 
 
 def _index(label: str) -> int:
-    return KINDS.index(label) if label in KINDS else len(KINDS) + sum(map(ord, label)) % (len(PALETTE) - len(KINDS))
+    if label in KINDS:  # past the palette's end (more than 8 kinds) the colours repeat
+        return KINDS.index(label) % len(PALETTE)
+    spare = len(PALETTE) - len(KINDS)  # other labels share the colours the kinds leave (all, if none is left)
+    return len(KINDS) + sum(map(ord, label)) % spare if spare > 0 else sum(map(ord, label)) % len(PALETTE)
 
 
 def color(label: str) -> str:
