@@ -20,21 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import BadInput
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-# Reported after every epoch (`clean_acc` is the epoch's test accuracy until the final evaluation).
-EPOCH_METRICS = ("train_loss", "train_acc", "test_acc", "reg_penalty", "lr", "alpha_hat", "epoch_seconds",
-                 "clean_acc")
-FINAL_METRICS = ("sigma_sq_sum",)
-ATTACK_METRICS = ("adv_dist_median", "adv_dist_mean", "adv_auc", "attack_samples", "attack_queries_mean",
-                  "attack_pool_queries", "attack_seconds", "attack_start_failures", "attack_success_rate")
 # Sections whose builder options may be searched even where the base config leaves them at defaults.
 OPEN_SECTIONS = ("data", "model")
-
-
-def eps_metric(eps: float) -> str:
-    """Name of the robust accuracy at radius eps, as `specreg.robustness` reports it."""
-    import specreg
-
-    return f"adv_acc_eps_{specreg.eps_name(eps)}"
 
 
 def check_name(name: str) -> str:
@@ -340,12 +327,20 @@ def _format(error: ValidationError) -> str:
 
 
 def reported_metrics(resolved_base: dict) -> set[str]:
-    """Metric names a trial of this base config reports (besides `sigma/<layer>`)."""
-    names = set(EPOCH_METRICS) | set(FINAL_METRICS)
-    attack = resolved_base.get("attack")
-    if attack:
-        names |= set(ATTACK_METRICS) | {eps_metric(e) for e in attack["eps"]}
-    return names
+    """Metric names a trial of this base config reports (besides `sigma/<layer>`): the library's, per task."""
+    import specreg
+
+    return set(specreg.reported_metrics(resolved_base)["final"])
+
+
+def epoch_metrics(resolved_base: dict) -> set[str]:
+    """Metric names every epoch of every phase reports (what ASHA can compare trials on), with `clean_acc`
+    where an epoch's `test_acc` stands for it (trainable.objective_values)."""
+    import specreg
+
+    phases = [set(names) for phase, names in specreg.reported_metrics(resolved_base).items() if phase != "final"]
+    names = set.intersection(*phases)
+    return names | {"clean_acc"} if "test_acc" in names else names
 
 
 def is_reported(metric: str, resolved_base: dict) -> bool:
@@ -495,7 +490,7 @@ def check(spec: SweepSpec) -> dict:
         if len(spec.objectives) > 1:
             raise BadInput("scheduler: asha needs a single objective (with several, early-stopped trials "
                            "would enter the Pareto front with truncated values); use name: none")
-        if first not in EPOCH_METRICS and not first.startswith("sigma/"):
+        if first not in epoch_metrics(base) and not first.startswith("sigma/"):
             raise BadInput(f"scheduler: asha compares trials every epoch, but {first!r} is only known "
                            "at the end; use an objective reported every epoch or name: none")
         if spec.seeds and len(spec.seeds) > 1:

@@ -10,7 +10,7 @@ from .attacks import ATTACKS, attack_options
 from .attacks import DEFAULTS as ATTACK_DEFAULTS
 from .attacks import validate as validate_attack
 from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, penalty_start, phase_epochs,
-                     validate_config)
+                     reported_metrics, validate_config)
 from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
@@ -23,7 +23,7 @@ __all__ = [
     "run_experiment", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE", "resolve_device",
     # the experiment schema and the facts read from a resolved config
     "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
-    "phase_epochs", "penalty_start",
+    "phase_epochs", "penalty_start", "reported_metrics",
     # the registries and the options each entry reads
     "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",
     "check_available", "DatasetNotFound", "ATTACKS", "ATTACK_DEFAULTS", "attack_options", "validate_attack",

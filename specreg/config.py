@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import attacks, models, regularizers
 from . import data as data_mod
 from . import placement as placement_mod
+from .robustness import eps_name
 
 TASKS = ("supervised", "ssl", "transfer")
 # The names the schema accepts are the registries' (one source: registering an entry adds it here).
@@ -319,6 +320,46 @@ def phase_epochs(config: dict) -> dict[str, int]:
     target = config["transfer"]["mode"]
     epochs = config["probe"]["epochs"] if target == "probe" else config["train"]["epochs"]
     return {"pretrain": config["source"]["epochs"], target: epochs}
+
+
+def reported_metrics(config: dict) -> dict[str, frozenset]:
+    """The scalar metrics a run of a resolved config reports, besides `sigma/<layer>` (σ of the feature and
+    regularized layers, wherever `alpha_hat` is): per phase (phase_epochs' names), those every epoch of it
+    reports; under "final", those of the finished run (the last value of every epoch metric, the final
+    evaluation and, with an attack block, the robustness metrics). tests/test_config.py checks these
+    against what run_experiment emits for every task."""
+    task, reg = config["task"], config["regularizer"]
+    stage = reg.get("stage")
+    evaluated = {"alpha_hat"} if config["train"]["eval_every"] == 1 else set()
+    common = {"epoch", "epoch_seconds"}
+
+    def phase(prefix, accuracy, test, regularized, encoder):
+        names = {f"{prefix}train_loss", f"{prefix}lr", test} | common
+        names |= {f"{prefix}train_acc"} if accuracy else set()
+        names |= {f"{prefix}reg_penalty"} if regularized else set()
+        return frozenset(names | (evaluated if encoder else set()))
+
+    probe = phase("probe/", True, "probe/test_acc", False, False)
+    if task == "supervised":
+        phases = {"train": phase("", True, "test_acc", True, True)}
+    elif task == "ssl":
+        phases = {"pretrain": phase("pretrain/", False, "pretrain/knn_acc", True, True), "probe": probe}
+    else:
+        phases = {"pretrain": phase("pretrain/", True, "pretrain/test_acc", stage != "target", True)}
+        phases[config["transfer"]["mode"]] = probe if config["transfer"]["mode"] == "probe" else \
+            phase("finetune/", True, "finetune/test_acc", stage != "source", True)
+    final = set().union(*phases.values()) | {"alpha_hat", "sigma_sq_sum", "clean_acc"}
+    final |= {"knn_acc"} if task in ("ssl", "transfer") else set()
+    final |= {"source_acc"} if task == "transfer" else set()
+    attack = config.get("attack")
+    if attack:
+        radii = [f"adv_acc{among}_eps_{eps_name(e)}" for e in attack["eps"] for among in ("", "_correct")]
+        distances = {"adv_dist_median", "adv_dist_mean", "adv_dist_median_correct", "adv_auc", *radii}
+        final |= distances | {"attack_samples", "attack_queries_mean", "attack_pool_queries", "attack_seconds",
+                              "attack_start_failures", "attack_success_rate"}
+        for iteration in attack.get("trace") or ():  # where the attack reaches that iteration
+            final |= {f"iter{iteration}/{name}" for name in (*distances, "attack_queries_mean")}
+    return {**phases, "final": frozenset(final)}
 
 
 def penalty_start(config: dict) -> int:

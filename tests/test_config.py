@@ -153,3 +153,38 @@ def test_every_option_an_attack_registers_is_accepted(name):
     config = validate_config(with_(attack={"name": name, **options}))
     assert set(options) <= set(config["attack"])
     assert set(config["attack"]) == set(options) | set(specreg.AttackSpec.model_fields)
+
+
+def _scalars(metrics: dict) -> set:
+    return {k for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("sigma/")}
+
+
+TINY = {"data": {"name": "digits", "train_subset": 256, "test_subset": 64},
+        "model": {"name": "mlp", "widths": [16]}, "train": {"epochs": 1, "batch_size": 64, "device": "cpu"},
+        "attack": {"samples": 4, "max_queries": None, "iterations": 1, "eps": [0.5, 1.0], "start_pool": 8,
+                   "trace": [1]}}
+
+
+@pytest.mark.parametrize("extra", [
+    {"regularizer": {"kind": "rep-spectral", "strength": 0.1}},
+    {"task": "ssl", "ssl": {"method": "barlow", "projector": [16]}, "probe": {"epochs": 1}},
+    {"task": "transfer", "source": {"data": TINY["data"], "epochs": 1}, "probe": {"epochs": 1},
+     "regularizer": {"kind": "rep-spectral", "stage": "source"}},
+    {"task": "transfer", "source": {"data": TINY["data"], "epochs": 1}, "transfer": {"mode": "finetune"},
+     "regularizer": {"kind": "rep-spectral", "stage": "target"}},
+], ids=["supervised", "ssl", "transfer-probe", "transfer-finetune-target"])
+def test_reported_metrics_are_what_a_run_of_each_task_emits(extra):
+    import specreg
+
+    config = validate_config({**TINY, **extra})
+    declared = specreg.reported_metrics(config)
+    epochs = []
+    final = specreg.run_experiment(config, on_epoch=epochs.append)
+    phases = list(specreg.phase_epochs(config))
+    assert list(declared) == [*phases, "final"]
+    assert len(epochs) == len(phases)  # one epoch per phase
+    for name, metrics in zip(phases, epochs):
+        assert _scalars(metrics) == declared[name], name
+    assert _scalars(final) == declared["final"]
+    if config["task"] == "ssl":
+        assert "knn_acc" in declared["final"] and "pretrain/knn_acc" in declared["pretrain"]

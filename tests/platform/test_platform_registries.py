@@ -1,8 +1,15 @@
-"""The platform reads the library's registries instead of keeping its own lists (no Ray, no MLflow)."""
+"""The platform reads the library's registries and reported metrics instead of keeping its own lists (no Ray,
+no MLflow)."""
+import copy
 import importlib
 
+import pytest
+
 import specreg
-from specreg_platform import figures
+from specreg_platform import figures, space
+from specreg_platform.errors import BadInput
+
+from platform_helpers import TINY_BASE, tiny_space, write_yaml
 
 
 def test_figure_kinds_are_the_registered_regularizers_in_order():
@@ -24,3 +31,53 @@ def test_a_newly_registered_regularizer_gets_its_own_colour_without_editing_figu
         monkeypatch.undo()
         importlib.reload(figures)
     assert figures.KINDS == tuple(specreg.REGULARIZERS)
+
+SSL = {**copy.deepcopy(TINY_BASE), "task": "ssl", "ssl": {"method": "barlow"}}
+
+
+def _load(tmp_path, base, metric, **changes):
+    return space.load_space(write_yaml(tmp_path / "space.yaml", tiny_space(
+        "objectives", base=base, objectives=[{"metric": metric, "mode": "max"}], **changes)))
+
+
+def test_knn_acc_is_an_objective_for_ssl_and_refused_where_the_task_does_not_report_it(tmp_path):
+    spec, base = _load(tmp_path, SSL, "knn_acc")
+    assert spec.metrics == ["knn_acc"] and base["task"] == "ssl"
+    with pytest.raises(BadInput, match="no trial reports 'knn_acc'"):
+        _load(tmp_path, TINY_BASE, "knn_acc")
+
+
+def test_asha_needs_a_metric_every_phase_reports_every_epoch(tmp_path):
+    asha = {"scheduler": {"name": "asha", "grace_period": 1}}
+    _load(tmp_path, TINY_BASE, "clean_acc", **asha)  # supervised: an epoch's test_acc stands for clean_acc
+    with pytest.raises(BadInput, match="only known at the end"):  # ssl: the pretraining epochs have no accuracy
+        _load(tmp_path, SSL, "clean_acc", **asha)
+
+
+@pytest.mark.parametrize("task", ["supervised", "ssl", "transfer"])
+def test_every_registry_feeds_the_schema_and_every_reported_metric_is_an_objective(tmp_path, task):
+    """The schema accepts every registered name; every metric the library says a task reports may be named
+    as an objective, and a name it does not report is refused."""
+    literal = space._choices
+    schema = specreg.ExperimentConfig.model_fields
+    assert literal(schema["regularizer"].annotation.model_fields["kind"].annotation) == tuple(specreg.REGULARIZERS)
+    assert literal(specreg.ModelSpec.model_fields["name"].annotation) == tuple(specreg.MODELS)
+    assert literal(specreg.AttackSpec.model_fields["name"].annotation) == tuple(specreg.ATTACKS)
+    for name in specreg.DATASETS:  # every registered dataset with every key it declares
+        keys = {key: 1 for key in specreg.dataset_options(name) if key != "name"}
+        assert specreg.validate_config({**TINY_BASE, "data": {"name": name, **keys}})["data"]["name"] == name
+    extra = {"ssl": {"ssl": {"method": "simclr"}}, "transfer": {"source": {"data": {"name": "digits"}, "epochs": 2}},
+             "supervised": {}}[task]
+    base = {**copy.deepcopy(TINY_BASE), "task": task, **extra}
+    if task == "transfer":
+        base["regularizer"] = {"kind": "none"}
+    resolved = specreg.validate_config(base)
+    reported = specreg.reported_metrics(resolved)
+    assert list(reported) == [*specreg.phase_epochs(resolved), "final"]
+    assert space.reported_metrics(resolved) == set(reported["final"])
+    for metric in sorted(reported["final"]):
+        spec, _ = _load(tmp_path, base, metric)
+        assert spec.metrics == [metric]
+    assert ("knn_acc" in reported["final"]) == (task != "supervised")
+    with pytest.raises(BadInput, match="no trial reports"):
+        _load(tmp_path, base, "not_a_metric")
