@@ -4,7 +4,20 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import tracking
-from .space import check_name, validated
+from .space import check_name, total_epochs, validated
+
+
+SHOWN = {"train_loss": "loss", "test_acc": "test acc", "knn_acc": "kNN acc"}
+
+
+def status(metrics: dict) -> str:
+    """An epoch's loss and test accuracy for the progress bar, under its phase's prefix (`pretrain/`, …)."""
+    shown = []
+    for key, value in metrics.items():
+        prefix, _, name = key.rpartition("/")
+        if name in SHOWN:
+            shown.append(f"{prefix + '/' if prefix else ''}{SHOWN[name]} {value:.4f}")
+    return "  ".join(shown)
 
 
 def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) -> int:
@@ -26,13 +39,12 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
                TextColumn("{task.fields[status]}")]
     try:
         with Progress(*columns) as progress:
-            task = progress.add_task("epochs", total=resolved["train"]["epochs"], status="")
+            task = progress.add_task("epochs", total=total_epochs(resolved), status="")
 
             def on_epoch(metrics: dict) -> None:
                 run.log_epoch(metrics, step=metrics["epoch"])
-                last = metrics["epoch"] == resolved["train"]["epochs"] and resolved["attack"]
-                progress.update(task, completed=metrics["epoch"], status="attacking…" if last else
-                                f"loss {metrics['train_loss']:.4f}  test acc {metrics['test_acc']:.4f}")
+                last = metrics["epoch"] == total_epochs(resolved) and resolved["attack"]
+                progress.update(task, completed=metrics["epoch"], status="attacking…" if last else status(metrics))
 
             result = specreg.run_experiment(resolved, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir)
     except specreg.Diverged as error:

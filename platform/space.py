@@ -343,6 +343,14 @@ def epoch_metrics(resolved_base: dict) -> set[str]:
     return names | {"clean_acc"} if "test_acc" in names else names
 
 
+def total_epochs(resolved: dict) -> int:
+    """The epochs a run trains, counted across its phases as the library counts them (pretraining and a
+    probe or finetune, for example): the last epoch's `epoch`."""
+    import specreg
+
+    return sum(specreg.phase_epochs(resolved).values())
+
+
 def is_reported(metric: str, resolved_base: dict) -> bool:
     return metric in reported_metrics(resolved_base) or metric.startswith("sigma/")
 
@@ -495,9 +503,9 @@ def check(spec: SweepSpec) -> dict:
                            "at the end; use an objective reported every epoch or name: none")
         if spec.seeds and len(spec.seeds) > 1:
             raise BadInput("scheduler: asha cannot stop a trial that repeats its config over seeds")
-        if spec.scheduler.grace_period >= base["train"]["epochs"]:
-            raise BadInput(f"scheduler.grace_period: {spec.scheduler.grace_period} is not below "
-                           f"train.epochs ({base['train']['epochs']})")
+        if spec.scheduler.grace_period >= total_epochs(base):
+            raise BadInput(f"scheduler.grace_period: {spec.scheduler.grace_period} is not below the "
+                           f"{total_epochs(base)} epochs a trial trains (across its phases)")
     return base
 
 

@@ -22,7 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from . import results, tracking
 from .errors import BadInput
 from .monitor import SweepMonitor
-from .space import SweepSpec, check_name, load_space
+from .space import SweepSpec, check_name, load_space, total_epochs
 from .trainable import CONTEXT, ERROR, FINAL, OUTCOME, run_trial
 
 CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --resume needs
@@ -164,10 +164,11 @@ def make_searcher(spec: SweepSpec) -> SweepSearch:
                        points_to_evaluate=points or None)
 
 
-def make_scheduler(spec: SweepSpec, epochs: int):
+def make_scheduler(spec: SweepSpec, base: dict):
+    """ASHA over the epochs a trial trains across its phases (and one report more), else FIFO."""
     if spec.scheduler.name == "asha":
         return ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="training_iteration",
-                             max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
+                             max_t=total_epochs(base) + 1, grace_period=spec.scheduler.grace_period,
                              reduction_factor=spec.scheduler.reduction_factor)
     return FIFOScheduler()
 
@@ -294,7 +295,7 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         tuner = tune.Tuner(
             trainable, param_space={CONTEXT: context},
             tune_config=tune.TuneConfig(search_alg=make_searcher(spec),
-                                        scheduler=make_scheduler(spec, base["train"]["epochs"]),
+                                        scheduler=make_scheduler(spec, base),
                                         num_samples=spec.num_samples(), max_concurrent_trials=concurrent,
                                         reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=0, callbacks=[monitor],

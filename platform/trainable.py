@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from . import burnin, tracking
-from .space import SweepSpec, set_dotted
+from .space import SweepSpec, set_dotted, total_epochs
 
 CONTEXT = "_specreg"        # the param_space key holding the sweep's constants
 STATE = "platform.json"     # in every checkpoint: the seeds already done, epoch metrics not yet in MLflow
@@ -189,7 +189,7 @@ class Trial:
         resume = train_dir if (train_dir / "state.pt").is_file() else None
         prefix = burnin.burnin_epochs(config)
         if (resume is None and self.spec.run.shared_burnin and self.context["cache_dir"]
-                and 0 < prefix < config["train"]["epochs"]):
+                and 0 < prefix < total_epochs(config)):
             resume, trained = burnin.ensure(self.context["cache_dir"], config)
             log.set_tags({"specreg.burnin": "trained" if trained else "cached", "specreg.burnin_key": resume.name})
             for metrics in burnin.history(resume):
@@ -201,7 +201,7 @@ class Trial:
             log.log_epoch(metrics, step=metrics["epoch"])
             due = time.monotonic() - self.checkpointed >= CHECKPOINT_SECONDS
             self._report({**tracking.scalars(metrics), "seed": seed},
-                         checkpoint=due or metrics["epoch"] == config["train"]["epochs"])
+                         checkpoint=due or metrics["epoch"] == total_epochs(config))
 
         return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume)
 

@@ -81,3 +81,29 @@ def test_every_registry_feeds_the_schema_and_every_reported_metric_is_an_objecti
     assert ("knn_acc" in reported["final"]) == (task != "supervised")
     with pytest.raises(BadInput, match="no trial reports"):
         _load(tmp_path, base, "not_a_metric")
+
+
+TRANSFER = {**copy.deepcopy(TINY_BASE), "task": "transfer", "regularizer": {"kind": "none"},
+            "source": {"data": {"name": "digits"}, "epochs": 4}, "transfer": {"mode": "finetune"},
+            "train": {**TINY_BASE["train"], "epochs": 3}}
+
+
+def test_asha_counts_epochs_across_phases(tmp_path):
+    from specreg_platform import sweep
+
+    asha = {"scheduler": {"name": "asha", "grace_period": 5}}
+    spec, base = _load(tmp_path, TRANSFER, "alpha_hat", **asha)  # 5 >= train.epochs (3), < 4 + 3
+    assert space.total_epochs(base) == 7 == base["source"]["epochs"] + base["train"]["epochs"]
+    assert sweep.make_scheduler(spec, base)._max_t == 7 + 1
+    with pytest.raises(BadInput, match="grace_period: 7 is not below the 7 epochs"):
+        _load(tmp_path, TRANSFER, "alpha_hat", scheduler={"name": "asha", "grace_period": 7})
+
+
+def test_progress_counts_epochs_across_phases_and_shows_each_phase():
+    from specreg_platform import single
+
+    ssl = specreg.validate_config({**SSL, "probe": {"epochs": 5}})
+    assert space.total_epochs(ssl) == ssl["train"]["epochs"] + 5 == 7
+    assert single.status({"epoch": 1, "train_loss": 0.5, "test_acc": 0.25}) == "loss 0.5000  test acc 0.2500"
+    assert single.status({"epoch": 1, "pretrain/train_loss": 0.5, "pretrain/knn_acc": 0.75}) \
+        == "pretrain/loss 0.5000  pretrain/kNN acc 0.7500"
