@@ -67,7 +67,8 @@ def networks(client, sweep: str) -> list[dict]:
                     "strength": float(params["regularizer.strength"]), "epochs": int(params["train.epochs"]),
                     "burnin": int(float(params["regularizer.burnin"])), "metrics": run.data.metrics,
                     "distances": np.load(local), "epoch_seconds": seconds,
-                    "burnin_tag": run.data.tags.get("specreg.burnin")})
+                    "burnin_tag": run.data.tags.get("specreg.burnin"),
+                    "iterations": int(params.get("attack.iterations", 0))})
     return sorted(out, key=lambda r: (r["seed"], ARMS.index(r["arm"]) if r["arm"] in ARMS else 9))
 
 
@@ -182,19 +183,54 @@ def difference_table(records: list[dict], rng) -> str:
     return "\n".join(rows)
 
 
+def checkpoints(metrics: dict) -> list[int]:
+    """The iterations after which the attack's trace recorded distances (`iterN/...`), in order."""
+    return sorted(int(k.split("/")[0][4:]) for k in metrics if k.startswith("iter") and
+                  k.endswith("/adv_dist_median_correct"))
+
+
+def at(metrics: dict, t: int | None, key: str) -> float:
+    """A metric after t iterations of the attack (None: the full run)."""
+    return metrics[key if t is None else f"iter{t}/{key}"]
+
+
 def convergence_table(records: list[dict]) -> str:
-    rows = ["| seed | arm | queries (10 / 20 / 40 it.) | median distance (10 / 20 / 40 it.) | 20 → 40 | "
-            "robust ε=1 (%) (10 / 20 / 40 it.) |", "|---|---|---|---|---|---|"]
+    """Per network: queries, median distance and robust accuracy at each traced iteration and the full run,
+    and the change of the median over the last doubling (the budget's convergence)."""
+    rows = []
     for r in records:
-        m = r["metrics"]
-        if "iter20/adv_dist_median_correct" not in m:
-            continue
-        med = [m["iter10/adv_dist_median_correct"], m["iter20/adv_dist_median_correct"], m["adv_dist_median_correct"]]
-        queries = [m["iter10/attack_queries_mean"], m["iter20/attack_queries_mean"], m["attack_queries_mean"]]
-        acc = [m["iter10/adv_acc_correct_eps_1.0"], m["iter20/adv_acc_correct_eps_1.0"], m["adv_acc_correct_eps_1.0"]]
+        m, its = r["metrics"], r["iterations"]
+        points = [*checkpoints(m), its]
+        if not rows:
+            head = " / ".join(map(str, points))
+            rows = [f"| seed | arm | queries ({head} it.) | median distance ({head} it.) | last doubling | "
+                    f"robust ε=1 (%) ({head} it.) |", "|---|---|---|---|---|---|"]
+        keys = [None if t == its else t for t in points]
+        med = [at(m, t, "adv_dist_median_correct") for t in keys]
+        queries = [at(m, t, "attack_queries_mean") for t in keys]
+        acc = [at(m, t, "adv_acc_correct_eps_1.0") for t in keys]
+        half = points.index(its // 2) if its // 2 in points else None
+        change = "" if half is None else f"{100 * (med[-1] / med[half] - 1):+.2f}%"
         rows.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
-                    f"{' / '.join(f'{v:.4f}' for v in med)} | {100 * (med[2] / med[1] - 1):+.2f}% | "
+                    f"{' / '.join(f'{v:.4f}' for v in med)} | {change} | "
                     f"{' / '.join(f'{100 * v:.1f}' for v in acc)} |")
+    return "\n".join(rows)
+
+
+def authors_budget_table(records: list[dict], t: int = 40) -> str:
+    """Per arm at the authors' 40 iterations (read off the same runs' trace), beside the full budget."""
+    rows = [f"| arm | seeds | median distance, {t} it. | full budget | robust ε=1 (%), {t} it. | full budget |",
+            "|---|---|---|---|---|---|"]
+    for name in ARMS:
+        group = [r for r in records if r["arm"] == name and (r["iterations"] == t or t in checkpoints(r["metrics"]))]
+        if not group:
+            continue
+        cell = lambda key, tt, scale=1.0: fmt(*t_interval(  # noqa: E731
+            [at(r["metrics"], None if tt == r["iterations"] else tt, key) for r in group]), scale)
+        rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | "
+                    f"{cell('adv_dist_median_correct', t)} | {cell('adv_dist_median_correct', group[0]['iterations'])} | "
+                    f"{cell('adv_acc_correct_eps_1.0', t, 100)} | "
+                    f"{cell('adv_acc_correct_eps_1.0', group[0]['iterations'], 100)} |")
     return "\n".join(rows)
 
 
@@ -232,7 +268,7 @@ def robust_figure(records: list[dict], path: Path) -> None:
         ax.plot(EPS_GRID, 100 * mean, color=colors[name], label=f"{name} (n={len(curves)})")
         ax.fill_between(EPS_GRID, 100 * low, 100 * high, color=colors[name], alpha=0.2, linewidth=0)
     ax.set(xlabel="ε (L2, pixels in [0, 1])", ylabel="robust accuracy among correct points (%)", ylim=(0, 100),
-           title="F-MNIST SLP-2000, authors' recipe; TangentAttack, 40 iterations")
+           title=f"F-MNIST SLP-2000, authors' recipe; TangentAttack, {records[0]['iterations']} iterations")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -257,6 +293,8 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
                "points unless marked)\n\n" + arm_table(records) + "\n\n")
     text.write("## Against none (paired by seed)\n\n" + difference_table(records, rng) + "\n\n")
     text.write("## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n")
+    text.write("## At the authors' 40 iterations (the same runs, read off their trace)\n\n"
+               + authors_budget_table(records) + "\n\n")
     text.write("## Where the time went\n\n" + time_table(records) + "\n")
     dose = networks(client, DOSE) if sweep == MAIN else []
     if dose:
