@@ -23,10 +23,6 @@ import specreg
 HISTORY = "history.json"
 
 
-def burnin_epochs(resolved: dict) -> int:
-    return specreg.penalty_start(resolved)
-
-
 def prefix_config(resolved: dict) -> dict:
     """The config that trains the prefix: the same run with no regularizer and no attack."""
     config = copy.deepcopy(resolved)
@@ -48,7 +44,7 @@ def cache_key(resolved: dict) -> str:
     config = prefix_config(resolved)
     if config["train"]["schedule"] != "cosine":
         del config["train"]["epochs"]
-    payload = {"config": config, "epochs": burnin_epochs(resolved), "library": library_digest()}
+    payload = {"config": config, "epochs": specreg.penalty_start(resolved), "library": library_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -69,11 +65,11 @@ def ensure(cache_root, resolved: dict) -> tuple[Path, bool]:
             if (final / HISTORY).is_file():
                 return final, False
             partial = _resumable_partial(root, key)
-            started = time.perf_counter()
-            specreg.run_experiment(prefix_config(resolved), checkpoint_dir=partial, stop_after_epochs=burnin_epochs(resolved),
+            started, epochs = time.perf_counter(), specreg.penalty_start(resolved)
+            specreg.run_experiment(prefix_config(resolved), checkpoint_dir=partial, stop_after_epochs=epochs,
                                    resume_from=partial if (partial / specreg.CHECKPOINT_FILE).is_file() else None)
             (partial / "meta.json").write_text(json.dumps(
-                {"key": key, "epochs": burnin_epochs(resolved), "seconds": time.perf_counter() - started}))
+                {"key": key, "epochs": epochs, "seconds": time.perf_counter() - started}))
             (partial / HISTORY).write_text(json.dumps(specreg.load_checkpoint(partial)["history"]))
             os.replace(partial, final)
         finally:

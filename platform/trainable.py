@@ -187,7 +187,7 @@ class Trial:
 
         train_dir = self.work / TRAIN_DIR
         resume = train_dir if (train_dir / "state.pt").is_file() else None
-        prefix = burnin.burnin_epochs(config)
+        prefix = specreg.penalty_start(config)
         if (resume is None and self.spec.run.shared_burnin and self.context["cache_dir"]
                 and 0 < prefix < total_epochs(config)):
             resume, trained = burnin.ensure(self.context["cache_dir"], config)

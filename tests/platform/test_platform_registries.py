@@ -107,3 +107,28 @@ def test_progress_counts_epochs_across_phases_and_shows_each_phase():
     assert single.status({"epoch": 1, "train_loss": 0.5, "test_acc": 0.25}) == "loss 0.5000  test acc 0.2500"
     assert single.status({"epoch": 1, "pretrain/train_loss": 0.5, "pretrain/knn_acc": 0.75}) \
         == "pretrain/loss 0.5000  pretrain/kNN acc 0.7500"
+
+
+@pytest.mark.parametrize("base, start", [
+    ({**TINY_BASE, "regularizer": {"kind": "rep-spectral", "burnin": 0.5}}, 1),  # 0.5 of 2 epochs
+    ({**TINY_BASE, "train": {**TINY_BASE["train"], "schedule": "constant"},
+      "regularizer": {"kind": "jacobian", "burnin": 1}}, 1),
+    ({**TRANSFER, "regularizer": {"kind": "rep-spectral", "burnin": 0.5, "stage": "target"}}, 4 + 2),  # source, 0.5 of 3
+], ids=["fraction-cosine", "epochs-constant", "transfer-target"])
+def test_the_burnin_key_is_the_one_computed_before_burnin_epochs_went(base, start):
+    """The key as burnin.cache_key computed it when burnin.burnin_epochs still passed penalty_start through:
+    prefixes cached before the change stay valid."""
+    import hashlib
+    import json
+
+    from specreg_platform import burnin
+
+    resolved = specreg.validate_config(base)
+    config = copy.deepcopy(resolved)
+    config["regularizer"], config["attack"] = {"kind": "none"}, None
+    if config["train"]["schedule"] != "cosine":
+        del config["train"]["epochs"]
+    payload = {"config": config, "epochs": start, "library": burnin.library_digest()}
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    assert burnin.cache_key(resolved) == old
+    assert not hasattr(burnin, "burnin_epochs")
