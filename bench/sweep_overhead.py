@@ -1,8 +1,9 @@
 """What the sweep platform costs, and what the shared burn-in saves.
 
-1. Overhead: the quickstart's search with longer trials (overhead_space), 8 trials through `specreg sweep --max-concurrent 1` (shared burn-in off, so
-   both sides train the same epochs) against the same 8 resolved configs run back to back in one process
-   with `specreg.run_experiment` (one torch thread on both sides, as `resources.cpu: 1` gives a trial).
+1. Overhead: 8 trials of the quickstart's search made longer (`overhead_space`) through `specreg sweep
+   --max-concurrent 1` (shared burn-in off, so both sides train the same epochs) against the same 8
+   resolved configs run back to back in one process with `specreg.run_experiment` (one torch thread on
+   both sides, as `resources.cpu: 1` gives a trial).
 2. Shared burn-in: a 12-trial strength x placement grid with burn-in 0.8, with the shared prefix, then
    with independent trials, then with the shared prefix again (one trial at a time; the two shared runs
    bracket the independent one, so a change of machine load during the part falls on both sides alike);
