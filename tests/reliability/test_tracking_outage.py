@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 from reliability_helpers import HTTP_FAIL_FAST, TINY_BASE, cli, ensure_ray, grid_space, kill_session, write_yaml
 from shared_helpers import free_port, wait_healthy
 
+EPOCHS = 300
+
 
 def test_unreachable_server_at_start_fails_before_any_trial_naming_the_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,7 +67,10 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
             killed.set()
 
     space = grid_space("outage-mid", "train.lr", [0.05, 0.1])
-    space["base"]["train"]["epochs"] = 30
+    # Long enough that the first trial is still running when the second one's worker starts, on a loaded
+    # machine too (with 30 epochs a trial took under 2 s, and a slow second start let the first finish
+    # before the watcher saw both running, so the server was never killed).
+    space["base"]["train"]["epochs"] = EPOCHS
     path = write_yaml(tmp_path / "space.yaml", space)
     watcher = threading.Thread(target=kill_when_both_trials_run, daemon=True)
     watcher.start()
@@ -92,7 +97,7 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
             assert run.info.status == "FINISHED" and run.data.tags["specreg.outcome"] == "finished"
             assert "clean_acc" in run.data.metrics and "adv_acc_eps_1.0" in run.data.metrics
             steps = sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "train_loss"))
-            assert steps == list(range(1, 31))
+            assert steps == list(range(1, EPOCHS + 1))
             assert "model.pt" in [f.path for f in mlflow.list_artifacts(run.info.run_id)]
         (parent,) = mlflow.search_runs([experiment.experiment_id], "tags.`specreg.role` = 'sweep'")
         assert parent.info.status == "FINISHED"
