@@ -46,14 +46,15 @@ def _check_mode(mode: Optional[str]) -> None:
 
 
 def exits(command):
-    """Turn bad input into exit code 2 and any other error into exit code 1, each with a message."""
+    """Turn bad input (specreg.ConfigError, BadInput's base) into exit code 2 and any other error into exit
+    code 1, each with a message."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         import specreg
 
         try:
             return command(*args, **kwargs)
-        except (BadInput, specreg.ConfigError) as error:
+        except specreg.ConfigError as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
         except (typer.Exit, KeyboardInterrupt):
@@ -162,16 +163,9 @@ def export(
 
 
 def _load_config(path: Path, assignments: list[str]) -> dict:
-    from .space import set_dotted
+    from .space import read_yaml, set_dotted
 
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise BadInput(f"{path}: YAML error: {error}") from None
-    if not isinstance(config, dict):
-        raise BadInput(f"{path}: expected a mapping at the top level")
+    config = read_yaml(path)
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep or not key:

@@ -425,6 +425,23 @@ def prefer_confirmed(mlflow, sweep: Sweep, records: list[TrialRecord]) -> list[T
             if r.run_id in found else r for r in records]
 
 
+def front_files(mlflow, top: TrialRecord, front: list[TrialRecord], metrics: list[str], out_dir=None) -> dict[str, str]:
+    """The texts of best.yaml (the best trial's config, trainable with `specreg train`) and pareto.yaml (per
+    trial of the front: its ids, objectives and config), the one writer of both: `export` writes them to its
+    folder, the sweep logs them on its parent run. With out_dir, data paths are made portable against it."""
+    def config(run_id):
+        resolved = run_config(mlflow, run_id)
+        return resolved if out_dir is None else portable(resolved, Path(out_dir))
+
+    return {
+        "best.yaml": yaml.safe_dump(config(top.run_id), sort_keys=False),
+        "pareto.yaml": yaml.safe_dump([
+            {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "confirmed_by": r.confirmed_by or None,
+             "metrics": {m: r.metrics[m] for m in metrics}, "config": config(r.run_id)} for r in front],
+            sort_keys=False),
+    }
+
+
 def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str | None = None) -> dict:
     """Write best.yaml, pareto.yaml, trials.parquet and summary.md; return their paths."""
     sweep = find_sweep(mlflow, name)
@@ -435,17 +452,13 @@ def export(mlflow, name: str, out_dir, objective: str | None = None, mode: str |
     if any(r.confirmed_by for r in ranked):  # rank the configs that survived reseeding by their confirmed means
         ranked = [r for r in ranked if r.confirmed_by]
     if not ranked:
-        raise RuntimeError(f"sweep {name!r} has no finished trial with {', '.join(metrics)}")
+        raise BadInput(f"sweep {name!r} has no finished trial with {', '.join(metrics)}")
     out = Path(out_dir)
     top = best(ranked, metrics[0], objectives[0]["mode"])
     front = pareto(ranked, objectives)
     # Everything is read from the store first, so a store whose artifacts cannot be read leaves no folder behind.
     texts = {
-        "best.yaml": yaml.safe_dump(portable(run_config(mlflow, top.run_id), out), sort_keys=False),
-        "pareto.yaml": yaml.safe_dump([
-            {"trial_id": r.trial_id, "mlflow_run_id": r.run_id, "confirmed_by": r.confirmed_by or None,
-             "metrics": {m: r.metrics[m] for m in metrics},
-             "config": portable(run_config(mlflow, r.run_id), out)} for r in front], sort_keys=False),
+        **front_files(mlflow, top, front, metrics, out),
         "summary.md": summary_markdown(sweep, records, ranked, objectives, front,
                                        differences(mlflow, records, metrics)),
     }

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from specreg import Strict, format_validation_error
 
 from .errors import BadInput
 
@@ -70,10 +72,6 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # --- schema ------------------------------------------------------------------------------------------
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
 
 def encode(value):
     """A searched value as Optuna takes it: scalars as they are, lists and mappings as JSON text."""
@@ -312,20 +310,6 @@ class SweepSpec(Strict):
 
 # --- loading and validation ----------------------------------------------------------------------------
 
-def _format(error: ValidationError) -> str:
-    lines = []
-    for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "file"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-            continue
-        message = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"{key}: {message}{shown}")
-    return "\n".join(lines)
-
-
 def reported_metrics(resolved_base: dict) -> set[str]:
     """Metric names a trial of this base config reports (besides `sigma/<layer>`): the library's, per task."""
     import specreg
@@ -446,7 +430,7 @@ def validated(config: dict, where: str) -> dict:
         check_keys(config)
         resolved = specreg.validate_config(config)
         check_attack(resolved)
-    except (specreg.ConfigError, BadInput) as error:
+    except specreg.ConfigError as error:  # BadInput's base
         raise BadInput(f"{where}: {error}") from None
     return resolved
 
@@ -509,8 +493,9 @@ def check(spec: SweepSpec) -> dict:
     return base
 
 
-def load_space(path, samples: Optional[int] = None, smoke: bool = False) -> tuple[SweepSpec, dict]:
-    """Read and validate a search-space file; return the spec and its resolved base config."""
+def read_yaml(path) -> dict:
+    """The mapping a YAML file holds (a search space, an experiment config); BadInput naming the file, and
+    the line and column of a syntax error. The platform's one YAML loader."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
@@ -524,10 +509,18 @@ def load_space(path, samples: Optional[int] = None, smoke: bool = False) -> tupl
         raise BadInput(f"{path}: YAML error: {error}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_space(path, samples: Optional[int] = None, smoke: bool = False) -> tuple[SweepSpec, dict]:
+    """Read and validate a search-space file; return the spec and its resolved base config."""
+    path = Path(path)
+    raw = read_yaml(path)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise BadInput(f"{path}:\n{_format(error)}") from None
+        message = format_validation_error(error, "file", separator="\n")
+        raise BadInput(f"{path}:\n{message}") from None
     if smoke:
         spec = spec.smoke()
     if samples is not None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import optuna
 import ray
-import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
@@ -221,11 +220,8 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
         parent.log_metrics({f"best/{m}": top.metrics[m] for m in spec.metrics})
         parent.set_tags({"specreg.best_run_id": top.run_id, "specreg.pareto_run_ids": json.dumps(
             [r.run_id for r in front])})
-        parent.log_files({
-            "best.yaml": tracking.config_yaml(results.run_config(mlflow, top.run_id)),
-            "pareto.yaml": yaml.safe_dump([{"mlflow_run_id": r.run_id, "trial_id": r.trial_id,
-                                            "metrics": {m: r.metrics[m] for m in spec.metrics}} for r in front],
-                                          sort_keys=False).encode()})
+        parent.log_files({file: text.encode() for file, text in
+                          results.front_files(mlflow, top, front, spec.metrics).items()})
     else:
         front = []
     summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front,

@@ -9,8 +9,8 @@ This top level is the library's one door: the platform (`specreg_platform`) impo
 from .attacks import ATTACKS, attack_options
 from .attacks import DEFAULTS as ATTACK_DEFAULTS
 from .attacks import validate as validate_attack
-from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, penalty_start, phase_epochs,
-                     reported_metrics, validate_config)
+from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, Strict, format_validation_error,
+                     penalty_start, phase_epochs, reported_metrics, validate_config)
 from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
@@ -23,6 +23,7 @@ __all__ = [
     "run_experiment", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE", "resolve_device",
     # the experiment schema and the facts read from a resolved config
     "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
+    "Strict", "format_validation_error",
     "phase_epochs", "penalty_start", "reported_metrics",
     # the registries and the options each entry reads
     "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",

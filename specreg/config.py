@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A schema model that refuses an unknown key (the platform's search-space schema uses it too)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def did_you_mean(word, choices) -> str:
@@ -266,14 +267,19 @@ class ExperimentConfig(Strict):
         return self
 
 
-def _format(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, root: str = "config", separator: str = "; ") -> str:
+    """One line per fault of a pydantic error: the dotted key (`root` for the whole document), the message
+    and the offending value (the platform formats a search-space file's errors with it too)."""
     lines = []
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"]) or root
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+            continue
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
         lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}{shown}")
-    return "; ".join(lines)
+    return separator.join(lines)
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +293,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     try:
         resolved = ExperimentConfig.model_validate(config)
     except ValidationError as error:
-        raise ConfigError(_format(error)) from None
+        raise ConfigError(format_validation_error(error)) from None
     out = resolved.model_dump()
     for section in ("ssl", "probe", "source", "transfer"):  # absent, not null, where the task does not use them
         if out[section] is None:

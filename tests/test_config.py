@@ -27,7 +27,7 @@ def test_defaults_are_filled_and_placement_defaults_per_kind():
     (with_(attack={"max_queries": None}), ["max_queries", "iterations"]),
     (with_(regularizer={"kind": "rep-spectral", "placement": "upto:7"}), ["regularizer.placement", "upto:7"]),
     (with_(regularizer={"kind": "rep-spectral", "placement": "top"}), ["regularizer.placement", "top", "upto:K"]),
-    (with_(regularizer={"kind": "rep-spectral", "strenght": 1}), ["regularizer.strenght", "Extra"]),
+    (with_(regularizer={"kind": "rep-spectral", "strenght": 1}), ["regularizer.strenght", "unknown key"]),
     (with_(attack={"eps": [-0.5, 1.0]}), ["attack.eps", "-0.5"]),
     (with_(attack={"eps": []}), ["attack.eps"]),
     (with_(attack={"samples": 0}), ["attack.samples", "0"]),
