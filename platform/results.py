@@ -313,7 +313,7 @@ def _fmt(value) -> str:
 
 
 def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[TrialRecord],
-                     objectives: list[dict], front: list[TrialRecord], versus: dict | None = None) -> str:
+                     objectives: list[dict], front: list[TrialRecord], versus: dict) -> str:
     """The sweep in Markdown: counts, the top configs (or the Pareto front), and with `versus` (from
     `differences`) every finished trial against the baseline."""
     metrics = [o["metric"] for o in objectives]
@@ -340,7 +340,7 @@ def summary_markdown(sweep: Sweep, records: list[TrialRecord], ranked: list[Tria
                     value += (f" [{_fmt(record.metrics[f'{metric}_ci95_low'])}, "
                               f"{_fmt(record.metrics[f'{metric}_ci95_high'])}]")
                 cells.append(value)
-            cells += [str((versus or {}).get(record.run_id, {}).get(m, "—")) for m in compared_metrics]
+            cells += [str(versus.get(record.run_id, {}).get(m, "—")) for m in compared_metrics]
             rows.append("| " + " | ".join(cells) + " |")
         return rows
 
@@ -393,7 +393,7 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
     return columns, rows
 
 
-def ranking_objectives(sweep: Sweep, objective: str | None = None, mode: str | None = None) -> list[dict]:
+def ranking_objectives(sweep: Sweep, objective: str | None, mode: str | None) -> list[dict]:
     """The sweep's objectives, or `objective` alone (its mode: `mode`, else the sweep's, else max)."""
     if not objective:
         return sweep.objectives

@@ -120,7 +120,7 @@ def ui_url(server: str, experiment_id: str | None = None, run_id: str | None = N
     return f"{server.rstrip('/')}{page}?workflowType=machine_learning"
 
 
-def check_healthy(uri: str, timeout: float = 10.0) -> None:
+def check_healthy(uri: str, timeout: float) -> None:
     """Fail fast, naming the URI, when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -440,10 +440,10 @@ def config_yaml(config: dict) -> bytes:
     return yaml.safe_dump(config, sort_keys=False).encode()
 
 
-def result_files(resolved: dict, result: dict, checkpoint_dir=None) -> dict[str, bytes]:
+def result_files(resolved: dict, result: dict, checkpoint_dir) -> dict[str, bytes]:
     """The artifacts of a finished run: its config, final model weights, attack distances, spectrum."""
     files = {"config.yaml": config_yaml(resolved)}
-    if checkpoint_dir is not None and (Path(checkpoint_dir) / "state.pt").is_file():
+    if (Path(checkpoint_dir) / "state.pt").is_file():
         buffer = io.BytesIO()
         torch.save(specreg.load_checkpoint(checkpoint_dir)["model"], buffer)
         files["model.pt"] = buffer.getvalue()

@@ -176,7 +176,7 @@ class Trial:
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def _end(self, status: str, outcome: str, error: str | None = None) -> None:
+    def _end(self, status: str, outcome: str, error: str) -> None:
         """End the seed run being trained (if any) and the trial's run."""
         if self.current is not self.config_run:
             self.current.end(status, outcome, error)

@@ -117,7 +117,7 @@ def finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
-def encoder_metrics(regularizer, model, x_test, full: bool = True) -> dict:
+def encoder_metrics(regularizer, model, x_test, full: bool) -> dict:
     """σ_max of every feature and regularized layer (`sigma/<name>`) and α̂ of the feature spectrum; nothing
     unless `full` (the epochs `train.eval_every` skips)."""
     if not full:

@@ -37,7 +37,7 @@ def probe_phase(config: dict, model, data) -> Phase:
     probe = config["probe"]
     settings = {**config["train"], **probe, "optimizer": "adam", "schedule": "cosine", "amp": False}
 
-    def evaluate(full=True):
+    def evaluate(full):
         return {"probe/test_acc": accuracy(model.head, test_features, data.y_test)}
 
     return Phase("probe", model.head, classification_loss(model.head), train_features, data.y_train, settings,

@@ -136,7 +136,7 @@ def experiment(config: dict, device, **run_options) -> dict:
         with torch.autocast(z.device.type, enabled=False):  # correlations / similarities in fp32
             return criterion(*z.chunk(2)), None
 
-    def evaluate(full=True):
+    def evaluate(full):
         return {"pretrain/knn_acc": knn_accuracy(model, data),
                 **encoder_metrics(regularizer, model, data.x_test, full)}
 

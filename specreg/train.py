@@ -21,7 +21,7 @@ def supervised(config: dict, device, **run_options) -> dict:
     regularizer = regularizers.build(config["regularizer"]).attach(model).to(device)
     run = Run(config, device, {"model": model}, regularizer, model, **run_options)
 
-    def evaluate(full=True):
+    def evaluate(full):
         return {"test_acc": accuracy(model, data.x_test, data.y_test),
                 **encoder_metrics(regularizer, model, data.x_test, full)}
 

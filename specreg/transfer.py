@@ -50,7 +50,7 @@ def experiment(config: dict, device, **run_options) -> dict:
     regularizer = regularizers.build(config["regularizer"]).attach(regularized).to(device)
     run = Run(config, device, modules, regularizer, regularized, **run_options)
 
-    def evaluate_source(full=True):
+    def evaluate_source(full):
         return {"pretrain/test_acc": accuracy(source_model, source.x_test, source.y_test),
                 **encoder_metrics(regularizer, source_model, source.x_test, full)}
 
@@ -66,7 +66,7 @@ def experiment(config: dict, device, **run_options) -> dict:
         if finetune_l2sp and run.epoch == epochs:  # starting the finetune, not resuming it
             anchor.load_state_dict(model.features.state_dict())
 
-        def evaluate_target(full=True):
+        def evaluate_target(full):
             return {"finetune/test_acc": accuracy(model, target.x_test, target.y_test),
                     **encoder_metrics(regularizer, model, target.x_test, full)}
 

@@ -84,3 +84,24 @@ def test_best_and_pareto_have_one_writer(monkeypatch, tmp_path):
     assert yaml.safe_load(exported["best.yaml"])["data"]["path"] == "../data.npz"  # portable in an export
     source = inspect.getsource(sweep._finish_tracking)
     assert "front_files" in source and "safe_dump" not in source and "config_yaml" not in source
+
+
+def test_no_default_that_every_caller_overrides():
+    """Defaults no caller used (every call passed the value) are gone: the signature says what callers do."""
+    import ast
+    from pathlib import Path
+
+    from specreg_platform import tracking, trainable
+
+    empty = inspect.Parameter.empty
+    for function, name in [(tracking.check_healthy, "timeout"), (tracking.result_files, "checkpoint_dir"),
+                           (trainable.Trial._end, "error"), (results.summary_markdown, "versus"),
+                           (results.ranking_objectives, "objective"), (results.ranking_objectives, "mode")]:
+        assert inspect.signature(function).parameters[name].default is empty, (function.__name__, name)
+    # A phase's evaluate(full) is only ever called by the training loop, with `full` given.
+    library = Path(specreg.__file__).parent
+    for module in ("train", "ssl", "transfer", "probe", "loop"):
+        tree = ast.parse((library / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith(("evaluate", "encoder_metrics")):
+                assert not node.args.defaults, f"{module}.{node.name}"
