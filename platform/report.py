@@ -16,7 +16,6 @@ import json
 import math
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,64 +24,13 @@ import numpy as np
 from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
 from .confirm import parent_space
 from .errors import BadInput
-from .results import bootstrap_interval, confirmations
+from .results import confirmations
 from .space import SweepSpec, encode, flatten
+from .stats import bootstrap_interval, paired_differences, spearman
 
 EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
 MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best
 UI_SERVER = "http://127.0.0.1:5000"   # where `specreg ui` serves a SQLite store: the report's run links
-
-
-# --- statistics -----------------------------------------------------------------------------------------
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm step-down adjusted p-values; NaN (an undefined test) stays NaN and is not counted."""
-    finite = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
-    adjusted = [math.nan] * len(pvalues)
-    running = 0.0
-    for rank, (p, index) in enumerate(finite):
-        running = max(running, min(1.0, (len(finite) - rank) * p))
-        adjusted[index] = running
-    return adjusted
-
-
-def paired_t_pvalue(differences) -> float:
-    """Two-sided paired t-test p-value; NaN when the differences have no spread (the test is undefined)."""
-    from scipy import stats
-
-    differences = np.asarray(differences, dtype=float)
-    if len(differences) < 2 or np.ptp(differences) == 0:
-        return math.nan
-    return float(stats.ttest_1samp(differences, 0.0).pvalue)
-
-
-def paired_differences(arms: dict[str, dict[int, float]], pairs: list[tuple[str, str]]) -> list[dict]:
-    """For each pair (a, b): a − b over their shared seeds, its bootstrap interval, paired-t and Holm p."""
-    rows = []
-    for a, b in pairs:
-        shared = sorted(set(arms[a]) & set(arms[b]))
-        if len(shared) < 2:
-            continue
-        differences = [arms[a][s] - arms[b][s] for s in shared]
-        mean, low, high = bootstrap_interval(differences)
-        rows.append({"label": f"{a} − {b}", "a": a, "b": b, "seeds": shared, "mean": mean, "low": low,
-                     "high": high, "p": paired_t_pvalue(differences)})
-    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
-        row["p_holm"] = adjusted
-    return rows
-
-
-def spearman(x, y) -> tuple[float, float, int]:
-    """Spearman's ρ, its p-value and n over the pairs where both are finite (NaN below 3 pairs)."""
-    from scipy import stats
-
-    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan, math.nan, len(pairs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant column gives NaN, which is the honest answer
-        result = stats.spearmanr(*zip(*pairs))
-    return float(result.statistic), float(result.pvalue), len(pairs)
 
 
 # --- what the report is made of -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import yaml
 
 from . import tracking
 from .errors import BadInput
+from .stats import bootstrap_interval
 
 SEARCH_KEYS = "specreg.search_keys"   # parent-run tags written by the sweep
 OBJECTIVES = "specreg.objectives"
@@ -21,7 +22,6 @@ CONFIRMED_BY = "specreg.confirmed_by"
 CONFIRMS = "specreg.confirms"
 CONFIRMS_RUN = "specreg.confirms_run"
 ROBUST_PREFIX = "adv_acc_eps_"        # robust accuracy at a radius: adv_acc_eps_<ε>
-BOOTSTRAP = 10_000
 
 
 @dataclass
@@ -199,23 +199,6 @@ def write_parquet(records: list[TrialRecord], path: Path) -> None:
 
 
 # --- differences from the baseline --------------------------------------------------------------------
-
-def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
-    """Mean and percentile-bootstrap interval of the mean (the mean itself for fewer than 2 values). A
-    seeds × points array is resampled along both: seeds, then the points attacked in every seed."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, mean, mean
-    grid = values.reshape(len(values), -1)  # 1-D values: one point per seed
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, grid.shape[0], (resamples, grid.shape[0]))
-    points = rng.integers(0, grid.shape[1], (resamples, grid.shape[1]))
-    means = np.concatenate([grid[s[:, :, None], p[:, None, :]].mean(axis=(1, 2))  # in chunks, for memory
-                            for s, p in zip(np.array_split(seeds, 10), np.array_split(points, 10))])
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return mean, float(low), float(high)
-
 
 @dataclass
 class Difference:

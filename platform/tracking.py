@@ -6,7 +6,6 @@ temporary fault. A run ends FINISHED, FAILED or KILLED, never left RUNNING by a 
 """
 import io
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode  # n
 
 from .errors import BadInput
 from .space import flatten
+from .stats import mean_interval
 
 DEFAULT_DB = "mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -251,18 +251,6 @@ def final_metrics(result: dict) -> dict[str, float]:
     """The scalars of a finished run that its last epoch did not already log."""
     last_epoch = result["history"][-1] if result.get("history") else {}
     return {k: v for k, v in scalars(result).items() if k not in last_epoch}
-
-
-def mean_interval(values) -> tuple[float, float, float]:
-    """Mean and the 95% t-interval of the mean (the mean itself for a single value)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, mean, mean
-    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-    return mean, mean - half, mean + half
 
 
 def aggregate(results: list[dict]) -> dict[str, float]:

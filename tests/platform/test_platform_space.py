@@ -6,7 +6,6 @@ import random
 import numpy as np
 import optuna
 import pytest
-from scipy import stats
 
 from specreg_platform import burnin, results, tracking
 from specreg_platform.errors import BadInput
@@ -85,14 +84,6 @@ def test_pareto_front_is_exactly_the_non_dominated_set():
         dominated = any(o.metrics["a"] >= r.metrics["a"] and o.metrics["b"] <= r.metrics["b"]
                         and (o.metrics["a"], o.metrics["b"]) != (r.metrics["a"], r.metrics["b"]) for o in records)
         assert (r in front) == (not dominated)
-
-
-def test_mean_interval_is_the_t_interval():
-    values = [0.81, 0.84, 0.8]
-    mean, low, high = tracking.mean_interval(values)
-    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-    assert mean == pytest.approx(np.mean(values)) and (low, high) == pytest.approx(expected)
-    assert tracking.mean_interval([0.5]) == (0.5, 0.5, 0.5)
 
 
 def test_burnin_key_ignores_regularizer_and_attack_but_not_seed_or_length():

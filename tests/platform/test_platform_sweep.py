@@ -11,7 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from specreg_platform import results, tracking
+from specreg_platform import results
+from specreg_platform.stats import mean_interval
 from specreg_platform.space import flatten
 
 from platform_helpers import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
@@ -174,7 +175,7 @@ def test_ablation_holds_config_runs_with_seed_mean_and_interval(ablation):
         assert sorted(int(s.data.params["train.seed"]) for s in seeds) == [0, 1]
         assert {s.info.status for s in seeds} == {"FINISHED"}
         values = [s.data.metrics["clean_acc"] for s in seeds]
-        mean, low, high = tracking.mean_interval(values)
+        mean, low, high = mean_interval(values)
         assert config.metrics["clean_acc"] == pytest.approx(mean)
         assert config.metrics["clean_acc_ci95_low"] == pytest.approx(low)
         assert config.metrics["clean_acc_ci95_high"] == pytest.approx(high)

@@ -3,7 +3,6 @@ statistics against direct computations."""
 import base64
 import html.parser
 import io
-import math
 import re
 import tempfile
 from pathlib import Path
@@ -14,11 +13,9 @@ import pytest
 import yaml
 from matplotlib.image import imread
 from mlflow import MlflowClient
-from scipy import stats
 
 from specreg_platform import results
 from specreg_platform import figures
-from specreg_platform.report import bootstrap_interval, holm, paired_differences
 
 from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
@@ -249,34 +246,3 @@ def test_confirm_reruns_the_best_config_with_fresh_seeds_and_export_prefers_it(t
                   if line.startswith("| ") and "trial" not in line]
     assert front_rows and all(re.search(r"\d% \[[\d.]+%, [\d.]+%\]", cell)  # seed mean [bootstrap interval]
                               for row in front_rows for cell in row.split("|")[3:-1])
-
-
-def test_paired_differences_match_a_direct_computation():
-    rng = np.random.default_rng(3)
-    seeds = range(6)
-    arms = {"a": {s: 0.8 + 0.02 * rng.standard_normal() for s in seeds},
-            "b": {s: 0.7 + 0.02 * rng.standard_normal() for s in seeds},
-            "c": {s: 0.7 + 0.02 * rng.standard_normal() for s in seeds if s != 5}}
-    rows = paired_differences(arms, [("a", "b"), ("a", "c"), ("b", "c")])
-    raw = []
-    for row, (x, y) in zip(rows, [("a", "b"), ("a", "c"), ("b", "c")]):
-        shared = sorted(set(arms[x]) & set(arms[y]))
-        d = np.array([arms[x][s] - arms[y][s] for s in shared])
-        assert row["seeds"] == shared and row["mean"] == pytest.approx(d.mean())
-        t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
-        raw.append(2 * stats.t.sf(abs(t), len(d) - 1))
-        assert row["p"] == pytest.approx(raw[-1])
-        assert d.min() <= row["low"] <= row["mean"] <= row["high"] <= d.max()
-    order = np.argsort(raw)
-    expected = np.minimum(1, np.maximum.accumulate(np.array(raw)[order] * (len(raw) - np.arange(len(raw)))))
-    assert [rows[i]["p_holm"] for i in order] == pytest.approx(list(expected))
-
-
-def test_holm_leaves_undefined_tests_out_and_bootstrap_matches_the_normal_interval():
-    assert holm([0.01, math.nan, 0.04]) == pytest.approx([0.02, math.nan, 0.04], nan_ok=True)
-    values = np.random.default_rng(0).normal(1.0, 2.0, 400)
-    mean, low, high = bootstrap_interval(values)
-    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
-    assert mean == pytest.approx(values.mean())
-    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
-    assert bootstrap_interval([0.5]) == (0.5, 0.5, 0.5)
