@@ -28,9 +28,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mlflow.tracking import MlflowClient
 
-    from specreg_platform import tracking
+    from specreg_platform import connection
 
-    client = MlflowClient(tracking.resolve_uri(args.mlflow))
+    client = MlflowClient(connection.resolve_uri(args.mlflow))
     config = yaml.safe_load(open(client.download_artifacts(args.run, "config.yaml")))
     dataset = data.load(config["data"])
     model = models.build(config["model"], dataset.input_shape, dataset.num_classes)

@@ -44,7 +44,7 @@ def cell(data, record, metric: str) -> str:
 
 def table(mlflow, name: str) -> str:
     """One row per config of a seeded sweep: the seed means ± 95% t-interval half-widths."""
-    from specreg_platform.report import SweepData
+    from specreg_platform.sweep_data import SweepData
 
     data = SweepData(mlflow, name)
     labels = data.labels(data.records)
@@ -64,9 +64,9 @@ def main() -> None:
     if args.what == "run":
         run(args.mlflow, args.storage)
         return
-    from specreg_platform import tracking
+    from specreg_platform import connection
 
-    mlflow = tracking.client(tracking.resolve_uri(args.mlflow))
+    mlflow = connection.client(connection.resolve_uri(args.mlflow))
     for name in (CONFIRMED, PLACEMENT):
         print(f"\n{name}\n\n{table(mlflow, name)}")
 

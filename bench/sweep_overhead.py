@@ -41,7 +41,7 @@ BURNIN_BASE = {
 def sweep(space: dict, work: Path, *args: str) -> tuple:
     """Run `specreg sweep` in a fresh store; return its wall seconds, the seconds before the first trial
     and after the last (Ray and MLflow start-up, summary), the trial records and the store's client."""
-    from specreg_platform import results, tracking
+    from specreg_platform import connection, results
 
     path = work / f"{space['name']}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -50,7 +50,7 @@ def sweep(space: dict, work: Path, *args: str) -> tuple:
     subprocess.run([shutil.which("specreg"), "sweep", str(path), "--mlflow", str(store), "--storage",
                     str(work / "runs"), *args], check=True, cwd=work, stdout=subprocess.DEVNULL)
     ended = time.time()
-    mlflow = tracking.client(tracking.resolve_uri(str(store)))
+    mlflow = connection.client(connection.resolve_uri(str(store)))
     trials = results.trials(mlflow, results.find_sweep(mlflow, space["name"]))
     fixed = (min(t.start_ms for t in trials) / 1000 - started) + (ended - max(t.end_ms for t in trials) / 1000)
     return ended - started, fixed, trials, mlflow

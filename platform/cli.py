@@ -101,12 +101,12 @@ class Format(str, Enum):
 
 
 def _client(mlflow: Optional[str]):
-    from . import tracking
+    from . import connection
 
-    uri = tracking.resolve_uri(mlflow)
-    tracking.require_store(uri)
-    tracking.check_reachable(uri)
-    return tracking.client(uri)
+    uri = connection.resolve_uri(mlflow)
+    connection.require_store(uri)
+    connection.check_reachable(uri)
+    return connection.client(uri)
 
 
 @app.command()
@@ -214,16 +214,16 @@ def ui(
     mlflow: Optional[str] = _mlflow_option(),
 ):
     """Start the MLflow UI for the store (Ctrl-C to stop)."""
-    from . import tracking
+    from . import connection
 
-    uri = tracking.resolve_uri(mlflow)
-    tracking.require_store(uri)
+    uri = connection.resolve_uri(mlflow)
+    connection.require_store(uri)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                "--port", str(port)]
     server_url = f"http://{host}:{port}"
-    typer.echo(f"MLflow UI on {tracking.ui_url(server_url)} (Ctrl-C to stop); the sweeps' runs:")
-    for experiment in tracking.client(uri).search_experiments(filter_string=f"tags.`{tracking.SWEEP}` != ''"):
-        typer.echo(f"  {experiment.name}: {tracking.ui_url(server_url, experiment.experiment_id)}")
+    typer.echo(f"MLflow UI on {connection.ui_url(server_url)} (Ctrl-C to stop); the sweeps' runs:")
+    for experiment in connection.client(uri).search_experiments(filter_string=f"tags.`{connection.SWEEP}` != ''"):
+        typer.echo(f"  {experiment.name}: {connection.ui_url(server_url, experiment.experiment_id)}")
     # The server's own process group holds its uvicorn workers, job runner and huey consumers: stopping
     # `ui` (Ctrl-C, or SIGTERM, which is made to act the same) stops all of them and frees the port.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from . import results, tracking
+from . import connection, results, tracking
 from .errors import BadInput
 # The links' tags and reading them back live in results (below this module, which runs sweeps), where export
 # and report read them; they stay importable from here.
@@ -82,7 +82,7 @@ def child_name(mlflow, name: str, storage: Path) -> str:
     """`<name>-confirm`, or the first `<name>-confirmN` that neither MLflow nor the storage holds."""
     for index in range(1, 1000):
         candidate = f"{name}-confirm" + (str(index) if index > 1 else "")
-        if tracking.retry(mlflow.get_experiment_by_name, candidate) is None and not (storage / candidate).exists():
+        if connection.retry(mlflow.get_experiment_by_name, candidate) is None and not (storage / candidate).exists():
             return candidate
     raise BadInput(f"{name}: too many confirmations already")
 
@@ -90,7 +90,7 @@ def child_name(mlflow, name: str, storage: Path) -> str:
 def parent_space(mlflow, sweep: results.Sweep) -> dict:
     """The search space the sweep ran (its parent run's `space.yaml`)."""
     with tempfile.TemporaryDirectory() as staging:
-        path = tracking.retry(mlflow.download_artifacts, sweep.parent_run_id, "space.yaml", staging)
+        path = connection.retry(mlflow.download_artifacts, sweep.parent_run_id, "space.yaml", staging)
         return yaml.safe_load(Path(path).read_text())
 
 
@@ -102,10 +102,10 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
 
     if top < 1 or seeds < 1:
         raise BadInput(f"--top and --seeds must be at least 1, got {top} and {seeds}")
-    uri = tracking.resolve_uri(mlflow_uri)
-    tracking.require_store(uri)
-    tracking.check_reachable(uri)
-    mlflow = tracking.client(uri)
+    uri = connection.resolve_uri(mlflow_uri)
+    connection.require_store(uri)
+    connection.check_reachable(uri)
+    mlflow = connection.client(uri)
     sweep = results.find_sweep(mlflow, name)
     objectives = results.ranking_objectives(sweep, objective, mode)
     records = results.trials(mlflow, sweep)
@@ -138,6 +138,6 @@ def link(mlflow, sweep: results.Sweep, child: str, chosen, configs, section: str
         value = _canonical(record.searched.get(section))
         parents = [r.run_id for r, c in zip(chosen, configs) if _canonical(c[section]) == value]
         tracking.RunLog(mlflow, record.run_id).set_tags({CONFIRMS_RUN: json.dumps(parents)})
-    tags = tracking.retry(mlflow.get_run, sweep.parent_run_id).data.tags
+    tags = connection.retry(mlflow.get_run, sweep.parent_run_id).data.tags
     names = json.loads(tags.get(CONFIRMED_BY, "[]"))
     tracking.RunLog(mlflow, sweep.parent_run_id).set_tags({CONFIRMED_BY: json.dumps([*names, child])})

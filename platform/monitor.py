@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import tracking
+from . import connection, tracking
 from .trainable import FINAL, OUTCOME
 
 
@@ -53,14 +53,14 @@ class SweepMonitor(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not (trial.last_result or {}).get(FINAL):
-            tracking.close_trial_runs(tracking.client(self.mlflow_uri), self.experiment_id, trial.trial_id,
+            tracking.close_trial_runs(connection.client(self.mlflow_uri), self.experiment_id, trial.trial_id,
                                       "KILLED", "early_stopped")
         self._refresh(trials)
         self._line(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = trial.get_error()
-        tracking.close_trial_runs(tracking.client(self.mlflow_uri), self.experiment_id, trial.trial_id,
+        tracking.close_trial_runs(connection.client(self.mlflow_uri), self.experiment_id, trial.trial_id,
                                   "FAILED", "failed", str(error).strip()[-2000:] if error else None)
         self._refresh(trials)
         if self._live is None:

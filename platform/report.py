@@ -8,184 +8,29 @@ first objective). With seeds, every value is a config's seed mean; tables and ba
 differences between arms use 95% percentile-bootstrap intervals. Every trial is listed against the
 baseline (`results.differences`: paired over the attacked points), with a link to its MLflow run.
 Accuracies are in percent, their differences in percentage points, other numbers to 3 significant figures.
+
+This module holds the report's sections and writes it; what it reads from MLflow is `sweep_data`, its
+statistics `stats`, and its blocks and their HTML / Markdown rendering `render`.
 """
-import base64
-import html
 import itertools
 import json
 import math
-import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import figures, results, tracking  # tracking first: it configures MLflow before importing it
+from . import connection, figures, results  # connection first: it configures MLflow before importing it
 from .confirm import parent_space
 from .errors import BadInput
+from .render import Block, Link, fmt, fmt_difference, to_html, to_markdown, with_interval
 from .results import confirmations
 from .space import SweepSpec, encode, flatten
-from .stats import bootstrap_interval, paired_differences, spearman
+from .stats import paired_differences, spearman
+from .sweep_data import SweepData, eps_key
 
-EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
 MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best
 UI_SERVER = "http://127.0.0.1:5000"   # where `specreg ui` serves a SQLite store: the report's run links
-
-
-# --- what the report is made of -------------------------------------------------------------------------
-
-@dataclass
-class Link:
-    """A table cell that links to a page (an MLflow run)."""
-    text: str
-    url: str
-
-    def __str__(self) -> str:
-        return f"[{self.text}]({self.url})"
-
-
-@dataclass
-class Block:
-    kind: str                  # heading | text | table | figure
-    text: str = ""
-    columns: list = field(default_factory=list)
-    rows: list = field(default_factory=list)
-    png: bytes = b""
-    name: str = ""
-
-
-def _fmt(value, metric: str = "") -> str:
-    """3 significant figures (accuracies in percent, one decimal); numbers that MLflow keeps as text too."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    if isinstance(value, float):
-        return f"{100 * value:.1f}%" if figures.is_accuracy(metric) else f"{value:.3g}"
-    return str(value)
-
-
-def _with_interval(value, low, high, metric: str) -> str:
-    text = _fmt(value, metric)
-    return text if low is None else f"{text} [{_fmt(low, metric)}, {_fmt(high, metric)}]"
-
-
-def _difference(value: float, metric: str) -> str:
-    """A difference of accuracies in percentage points (two decimals), others to three digits."""
-    return f"{100 * value:+.2f} pp" if figures.is_accuracy(metric) else f"{value:+.3g}"
-
-
-def eps_values(records) -> list[float]:
-    return sorted({float(m.group(1)) for r in records for k in r.metrics if (m := EPS_METRIC.match(k))})
-
-
-def eps_key(records, eps: float) -> str:
-    keys = {float(m.group(1)): k for r in records for k in r.metrics if (m := EPS_METRIC.match(k))}
-    if eps not in keys:
-        raise BadInput(f"--eps: the trials report robust accuracy at {sorted(keys)}, not at {eps}")
-    return keys[eps]
-
-
-class SweepData:
-    """A sweep's finished trials with what the figures need: kinds, seeds, and the report metric."""
-
-    def __init__(self, mlflow, name: str, eps: float | None = None):
-        self.mlflow = mlflow
-        self.sweep = results.find_sweep(mlflow, name)
-        self.all = results.trials(mlflow, self.sweep)
-        self.objectives = self.sweep.objectives
-        self.records = results.rankable(self.all, ["clean_acc"])
-        robust = [o for o in self.objectives if results.is_robust(o["metric"])]
-        self.eps = eps_values(self.records)
-        if eps is not None:
-            self.robust = eps_key(self.records, eps)
-        elif robust and EPS_METRIC.match(robust[0]["metric"]):
-            self.robust = robust[0]["metric"]
-        else:
-            self.robust = eps_key(self.records, self.eps[len(self.eps) // 2]) if self.eps else None
-        if self.robust:
-            self.records = results.rankable(self.records, [self.robust])  # refuses mixed threat models
-        self.rank = robust[0] if robust else self.objectives[0]
-        self.seeds = self._seed_runs() if len(self.sweep.seeds) > 1 else {}
-        self.baseline = results.baseline(self.all)
-        self.versus = results.differences(mlflow, self.all, ["clean_acc", *([self.robust] if self.robust else [])])
-
-    def _seed_runs(self) -> dict[str, dict[int, tuple[str, dict]]]:
-        """{config run id: {seed: (seed run id, metrics)}} of the finished seed runs."""
-        runs = tracking.retry(self.mlflow.search_runs, [self.sweep.experiment_id],
-                              f"tags.`{tracking.ROLE}` = 'seed' and attributes.status = 'FINISHED'",
-                              max_results=5000)
-        out: dict[str, dict] = {}
-        for run in runs:
-            out.setdefault(run.data.tags[tracking.PARENT], {})[int(run.data.tags[tracking.SEED])] = (
-                run.info.run_id, dict(run.data.metrics))
-        return out
-
-    @staticmethod
-    def kind(record) -> str:
-        return record.params.get("regularizer.kind", "none")
-
-    def kinds(self) -> list[str]:
-        present = {self.kind(r) for r in self.records}
-        return [k for k in figures.KINDS if k in present] + sorted(present - set(figures.KINDS))
-
-    def seed_values(self, record, metric: str) -> list[float]:
-        return [m[metric] for _, (_, m) in sorted(self.seeds.get(record.run_id, {}).items()) if metric in m]
-
-    def interval(self, record, metric: str, bootstrap: bool = False):
-        """(mean, low, high) over the config's seeds: the platform's t-interval (as MLflow and export show
-        it), or with `bootstrap` the percentile bootstrap; (value, None, None) for a single seed."""
-        if bootstrap:
-            values = self.seed_values(record, metric)
-            if len(values) > 1:
-                return bootstrap_interval(values)
-        elif f"{metric}_ci95_low" in record.metrics:
-            return (record.metrics[metric], record.metrics[f"{metric}_ci95_low"],
-                    record.metrics[f"{metric}_ci95_high"])
-        return record.metrics.get(metric, math.nan), None, None
-
-    def best_per_kind(self) -> dict[str, results.TrialRecord]:
-        metric, mode = self.rank["metric"], self.rank["mode"]
-        ranked = [r for r in self.records if math.isfinite(r.metrics.get(metric, math.nan))]
-        return {k: results.best(mine, metric, mode) for k in self.kinds()
-                if (mine := [r for r in ranked if self.kind(r) == k])}
-
-    def artifact_runs(self, record) -> list[str]:
-        """The runs holding a config's arrays: its seed runs, else the trial run itself."""
-        seeds = self.seeds.get(record.run_id)
-        return [run_id for _, (run_id, _) in sorted(seeds.items())] if seeds else [record.run_id]
-
-    def arrays(self, record, path: str):
-        """The artifact at `path` of every run of the config that has it (JSON list or .npy array)."""
-        found = []
-        with tempfile.TemporaryDirectory() as staging:
-            for index, run_id in enumerate(self.artifact_runs(record)):
-                try:
-                    local = Path(tracking.retry(self.mlflow.download_artifacts, run_id, path,
-                                                f"{staging}/{index}"))
-                except (tracking.MlflowException, OSError):  # a run without the artifact: leave it out
-                    continue
-                found.append(np.load(local) if path.endswith(".npy") else np.asarray(json.loads(local.read_text())))
-        return found
-
-    def labels(self, records) -> dict[str, str]:
-        """A short label per record: the searched values that differ between the records (for kind none,
-        no other regularizer setting, which it ignores)."""
-        flats = {r.run_id: flatten(r.searched) for r in records}
-        keys = list(dict.fromkeys(k for f in flats.values() for k in f))
-        varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
-        labels = {}
-        for record in records:
-            flat = flats[record.run_id]
-            shown = [k for k in varying if k in flat and not (
-                self.kind(record) == "none" and k.startswith("regularizer.") and k != "regularizer.kind")]
-            labels[record.run_id] = ", ".join(_fmt(flat[k]) if k == "regularizer.kind" else f"{k.split('.')[-1]}={_fmt(flat[k])}"
-                                              for k in shown) or record.trial_id
-        return labels
 
 
 # --- sections -------------------------------------------------------------------------------------------
@@ -219,7 +64,7 @@ def run_link(data: SweepData, record) -> Link:
     """The trial's page in the MLflow UI: on the tracking server, or where `specreg ui` serves a store."""
     uri = data.mlflow.tracking_uri
     server = uri if uri.startswith(("http://", "https://")) else UI_SERVER
-    return Link(record.trial_id, tracking.ui_url(server, data.sweep.experiment_id, record.run_id))
+    return Link(record.trial_id, connection.ui_url(server, data.sweep.experiment_id, record.run_id))
 
 
 def trials_table(data: SweepData) -> list[Block]:
@@ -231,8 +76,8 @@ def trials_table(data: SweepData) -> list[Block]:
         searched = flatten(record.searched)
         deltas = ["baseline" if record is data.baseline else data.versus.get(record.run_id, {}).get(m, "—")
                   for m in compared]
-        rows.append([run_link(data, record), *(_fmt(searched.get(k, "—")) for k in data.sweep.search_keys),
-                     record.outcome, *(_fmt(record.metrics.get(m), m) for m in metrics), *deltas])
+        rows.append([run_link(data, record), *(fmt(searched.get(k, "—")) for k in data.sweep.search_keys),
+                     record.outcome, *(fmt(record.metrics.get(m), m) for m in metrics), *deltas])
     server = "the tracking server" if data.mlflow.tracking_uri.startswith("http") else f"`specreg ui` ({UI_SERVER})"
     note = (results.DIFFERENCE_NOTE if data.versus else
             "No baseline: no trial of kind none finished beside other kinds, so no differences are shown.")
@@ -247,9 +92,9 @@ def best_table(data: SweepData, best: dict) -> list[Block]:
                *(m for m in ("adv_dist_median", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
     rows = []
     for kind, record in best.items():
-        settings = [_fmt(record.params.get(f"regularizer.{key}", "—")) if kind != "none" else "—"
+        settings = [fmt(record.params.get(f"regularizer.{key}", "—")) if kind != "none" else "—"
                     for key in ("strength", "placement")]
-        rows.append([kind, record.trial_id, *settings, *(_with_interval(*data.interval(record, m), m) for m in metrics)])
+        rows.append([kind, record.trial_id, *settings, *(with_interval(*data.interval(record, m), m) for m in metrics)])
     return [Block("heading", "Best trial of each kind"),
             Block("table", columns=["kind", "trial", "strength", "placement", *metrics], rows=rows)]
 
@@ -292,7 +137,7 @@ def tradeoff_section(data: SweepData) -> list[Block]:
     objectives = data.objectives if len(data.objectives) > 1 else pair
     members = results.pareto(data.records, objectives)
     labels = data.labels(data.records)
-    rows = [[r.trial_id, labels[r.run_id], *(_with_interval(*data.interval(r, o["metric"], True), o["metric"])
+    rows = [[r.trial_id, labels[r.run_id], *(with_interval(*data.interval(r, o["metric"], True), o["metric"])
                                              for o in objectives)] for r in members]
     title = "Pareto front of the sweep's objectives" + (" (seed means, 95% bootstrap intervals)" if data.seeds else "")
     blocks += [Block("heading", title), Block("table", columns=["trial", "config", *(o["metric"] for o in objectives)],
@@ -342,7 +187,7 @@ def structure_section(data: SweepData) -> list[Block]:
                "robust": r.metrics[data.robust]} for r in data.records]
     correlations = {key: spearman([p[key] for p in points], [p["robust"] for p in points])
                     for key in ("alpha_hat", "sigma_sq_sum")}
-    rows = [[key, _fmt(rho), _fmt(p), n] for key, (rho, p, n) in correlations.items()]
+    rows = [[key, fmt(rho), fmt(p), n] for key, (rho, p, n) in correlations.items()]
     n = max(n for _, _, n in correlations.values())
     return [Block("heading", "Representational structure and robustness"),
             Block("figure", f"{data.robust} against the fitted spectral exponent α̂ of the feature covariance and "
@@ -447,9 +292,9 @@ def paired_section(data: SweepData) -> list[Block]:
         rows = paired_differences(arms, pairs)
         by_metric[metric] = rows
         blocks.append(Block("table", columns=[f"{metric}: a − b", "seeds", "mean", "95% interval", "p", "p (Holm)"],
-                            rows=[[r["label"], len(r["seeds"]), _difference(r["mean"], metric),
-                                   f"[{_difference(r['low'], metric)}, {_difference(r['high'], metric)}]",
-                                   _fmt(r["p"]), _fmt(r["p_holm"])] for r in rows]))
+                            rows=[[r["label"], len(r["seeds"]), fmt_difference(r["mean"], metric),
+                                   f"[{fmt_difference(r['low'], metric)}, {fmt_difference(r['high'], metric)}]",
+                                   fmt(r["p"]), fmt(r["p_holm"])] for r in rows]))
     if any(by_metric.values()):
         blocks.append(Block("figure", "Paired differences with 95% bootstrap intervals (black: Holm p < 0.05).",
                             png=figures.png(figures.paired_differences(by_metric)), name="paired_differences"))
@@ -466,7 +311,7 @@ def confirmation_section(data: SweepData) -> list[Block]:
         if record.run_id in found:
             child, confirmed = found[record.run_id]
             rows.append([record.trial_id, data.kind(record), child, *(
-                f"{_fmt(record.metrics.get(m), m)} → " + _with_interval(*data.interval(confirmed, m), m)
+                f"{fmt(record.metrics.get(m), m)} → " + with_interval(*data.interval(confirmed, m), m)
                 for m in metrics)])
     return [Block("heading", "Confirmation with fresh seeds"),
             Block("text", "The sweep's value → the confirmed seed mean [95% t-interval]; `specreg export` ranks "
@@ -490,66 +335,6 @@ def build(data: SweepData) -> list[Block]:
     blocks += [Block("heading", "Spectra and distances of the best trials"), *array_figures(data, best)]
     blocks += importance_section(data) + paired_section(data) + confirmation_section(data)
     return blocks
-
-
-# --- rendering ------------------------------------------------------------------------------------------
-
-def to_markdown(blocks: list[Block], figure_dir: str) -> str:
-    lines = []
-    for block in blocks:
-        if block.kind == "heading":
-            lines += [("# " if not lines else "## ") + block.text, ""]
-        elif block.kind == "text":
-            lines += [block.text, ""]
-        elif block.kind == "table":
-            lines += ["| " + " | ".join(map(str, block.columns)) + " |", "|" + "---|" * len(block.columns)]
-            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in block.rows] + [""]
-        else:
-            lines += [f"![{block.name}]({figure_dir}/{block.name}.png)", "", f"*{block.text}*", ""]
-    return "\n".join(lines)
-
-
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;"
-         "line-height:1.45}.scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%;white-space:nowrap;text-align:left}"
-         "th{background:#f3f3f3;position:sticky;top:0}tr.baseline td{font-weight:bold;background:#eef4fb}"
-         "td.noise{color:#888}img{max-width:100%;height:auto}figure{margin:1.5em 0}"
-         "figcaption{color:#555;font-size:90%;max-width:900px}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, Link):
-        return f"<td><a href='{html.escape(value.url)}'>{html.escape(value.text)}</a></td>"
-    noise = " class='noise'" if isinstance(value, results.Difference) and value.within_noise else ""
-    return f"<td{noise}>{html.escape(str(value))}</td>"
-
-
-def _png_width(png: bytes) -> int:
-    return int.from_bytes(png[16:20], "big")  # the IHDR chunk's width
-
-
-def to_html(blocks: list[Block], title: str) -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body>"]
-    first = True
-    for block in blocks:
-        if block.kind == "heading":
-            tag = "h1" if first else "h2"
-            parts.append(f"<{tag}>{html.escape(block.text)}</{tag}>")
-            first = False
-        elif block.kind == "text":
-            parts.append(f"<p>{html.escape(block.text)}</p>")
-        elif block.kind == "table":
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in block.columns)
-            body = "".join(f"<tr{' class=baseline' if 'baseline' in row else ''}>" + "".join(map(_cell, row))
-                           + "</tr>" for row in block.rows)
-            parts.append(f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>")
-        else:  # drawn at figures.DPI, shown at 96 CSS pixels per inch: sharp on high-density screens too
-            data = base64.b64encode(block.png).decode()
-            width = round(_png_width(block.png) * 96 / figures.DPI)
-            parts.append(f"<figure><img alt='{block.name}' width='{width}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
-    return "\n".join(parts + ["</body></html>"])
 
 
 def write_report(mlflow, name: str, out_dir, fmt: str = "html", eps: float | None = None) -> dict:
@@ -582,5 +367,5 @@ def write_report(mlflow, name: str, out_dir, fmt: str = "html", eps: float | Non
         for figure_name, data_png in figures_made.items():
             (Path(staging) / f"{figure_name}.png").write_bytes(data_png)
         (Path(staging) / report.name).write_bytes(report.read_bytes())
-        tracking.retry(mlflow.log_artifacts, data.sweep.parent_run_id, staging, "report")
+        connection.retry(mlflow.log_artifacts, data.sweep.parent_run_id, staging, "report")
     return {"report": report, "files": written, "figures": list(figures_made)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import tracking
+from . import connection
 from .errors import BadInput
 from .stats import bootstrap_interval
 
@@ -63,9 +63,9 @@ def is_robust(metric: str) -> bool:
 
 def find_sweep(mlflow, name: str) -> Sweep:
     """The latest sweep run under that name; BadInput if there is none."""
-    experiment = tracking.retry(mlflow.get_experiment_by_name, name)
-    runs = [] if experiment is None else tracking.retry(
-        mlflow.search_runs, [experiment.experiment_id], f"tags.`{tracking.ROLE}` = 'sweep'",
+    experiment = connection.retry(mlflow.get_experiment_by_name, name)
+    runs = [] if experiment is None else connection.retry(
+        mlflow.search_runs, [experiment.experiment_id], f"tags.`{connection.ROLE}` = 'sweep'",
         max_results=1, order_by=["attributes.start_time DESC"])
     if not runs:
         raise BadInput(f"no sweep named {name!r} in the MLflow store {mlflow.tracking_uri}")
@@ -75,7 +75,7 @@ def find_sweep(mlflow, name: str) -> Sweep:
 
 
 def all_sweeps(mlflow) -> list[Sweep]:
-    experiments = tracking.retry(mlflow.search_experiments, filter_string=f"tags.`{tracking.SWEEP}` != ''")
+    experiments = connection.retry(mlflow.search_experiments, filter_string=f"tags.`{connection.SWEEP}` != ''")
     sweeps = []
     for experiment in experiments:
         try:
@@ -92,10 +92,10 @@ def trials(mlflow, sweep: Sweep) -> list[TrialRecord]:
 
 def trial_runs(mlflow, sweep: Sweep) -> list:
     """The MLflow runs behind `trials`, in start order."""
-    query = f"tags.`{tracking.PARENT}` = '{sweep.parent_run_id}' and tags.`{tracking.ROLE}` = 'trial'"
+    query = f"tags.`{connection.PARENT}` = '{sweep.parent_run_id}' and tags.`{connection.ROLE}` = 'trial'"
     runs, token = [], None
     while True:
-        page = tracking.retry(mlflow.search_runs, [sweep.experiment_id], query, max_results=1000,
+        page = connection.retry(mlflow.search_runs, [sweep.experiment_id], query, max_results=1000,
                               order_by=["attributes.start_time ASC"], page_token=token)
         runs += list(page)
         token = page.token
@@ -106,10 +106,10 @@ def trial_runs(mlflow, sweep: Sweep) -> list:
 
 def trial_record(sweep_name: str, run) -> TrialRecord:
     """A trial's MLflow run as a TrialRecord."""
-    return TrialRecord(sweep_name, run.info.run_id, run.data.tags.get(tracking.TRIAL_ID, ""), run.info.status,
-                       run.data.tags.get(tracking.OUTCOME, ""), dict(run.data.params),
-                       json.loads(run.data.tags.get(tracking.SEARCHED, "{}")), dict(run.data.metrics),
-                       run.info.start_time, run.info.end_time, run.data.tags.get(tracking.THREAT_MODEL, "none"))
+    return TrialRecord(sweep_name, run.info.run_id, run.data.tags.get(connection.TRIAL_ID, ""), run.info.status,
+                       run.data.tags.get(connection.OUTCOME, ""), dict(run.data.params),
+                       json.loads(run.data.tags.get(connection.SEARCHED, "{}")), dict(run.data.metrics),
+                       run.info.start_time, run.info.end_time, run.data.tags.get(connection.THREAT_MODEL, "none"))
 
 
 def rankable(records: list[TrialRecord], metrics: list[str]) -> list[TrialRecord]:
@@ -149,7 +149,7 @@ def pareto(records: list[TrialRecord], objectives: list[dict]) -> list[TrialReco
 def run_config(mlflow, run_id: str) -> dict:
     """The resolved config a trial ran (its `config.yaml` artifact)."""
     with tempfile.TemporaryDirectory() as staging:
-        path = tracking.retry(mlflow.download_artifacts, run_id, "config.yaml", staging)
+        path = connection.retry(mlflow.download_artifacts, run_id, "config.yaml", staging)
         return yaml.safe_load(Path(path).read_text())
 
 
@@ -252,17 +252,17 @@ def _attacked(record: TrialRecord) -> dict:
 
 def seed_distances(mlflow, record: TrialRecord) -> dict[int, np.ndarray]:
     """{seed: the attacked points' distances} of a trial: its seed runs', or its own for one seed."""
-    runs = tracking.retry(mlflow.search_runs, [tracking.retry(mlflow.get_run, record.run_id).info.experiment_id],
-                          f"tags.`{tracking.PARENT}` = '{record.run_id}' and tags.`{tracking.ROLE}` = 'seed'")
-    sources = {int(r.data.tags[tracking.SEED]): r.info.run_id for r in runs} or {
+    runs = connection.retry(mlflow.search_runs, [connection.retry(mlflow.get_run, record.run_id).info.experiment_id],
+                          f"tags.`{connection.PARENT}` = '{record.run_id}' and tags.`{connection.ROLE}` = 'seed'")
+    sources = {int(r.data.tags[connection.SEED]): r.info.run_id for r in runs} or {
         int(record.params.get("train.seed", 0)): record.run_id}
     out = {}
     with tempfile.TemporaryDirectory() as staging:
         for seed, run_id in sources.items():
             try:
-                out[seed] = np.load(tracking.retry(mlflow.download_artifacts, run_id, "distances.npy",
+                out[seed] = np.load(connection.retry(mlflow.download_artifacts, run_id, "distances.npy",
                                                    f"{staging}/{seed}"))
-            except (tracking.MlflowException, OSError):  # not attacked, or the artifact is missing
+            except (connection.MlflowException, OSError):  # not attacked, or the artifact is missing
                 continue
     return out
 
@@ -386,7 +386,7 @@ def ranking_objectives(sweep: Sweep, objective: str | None, mode: str | None) ->
 
 def confirmations(mlflow, sweep: Sweep) -> dict[str, tuple[str, TrialRecord]]:
     """{parent trial run id: (child sweep name, the child's finished config record)}; the latest wins."""
-    tags = tracking.retry(mlflow.get_run, sweep.parent_run_id).data.tags
+    tags = connection.retry(mlflow.get_run, sweep.parent_run_id).data.tags
     found = {}
     for name in json.loads(tags.get(CONFIRMED_BY, "[]")):
         try:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import tracking
+from . import connection, run_files, tracking
 from .space import check_name, total_epochs, validated
 
 
@@ -27,11 +27,11 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
 
     resolved = validated(config, "config")
     check_name(name)
-    uri = tracking.resolve_uri(mlflow_uri)
-    tracking.check_reachable(uri)
-    mlflow = tracking.client(uri)
+    uri = connection.resolve_uri(mlflow_uri)
+    connection.check_reachable(uri)
+    mlflow = connection.client(uri)
     commit = tracking.git_commit()
-    experiment_id = tracking.ensure_experiment(mlflow, name, uri)
+    experiment_id = connection.ensure_experiment(mlflow, name, uri)
     run = tracking.RunLog.open(mlflow, experiment_id, name, tracking.run_tags(resolved, "train", name, commit))
     run.log_params(tracking.run_params(resolved))
     checkpoint_dir = Path(storage).resolve() / "train" / f"{name}-{run.run_id[:12]}"
@@ -58,7 +58,7 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
         run.end("KILLED", "killed")
         raise
     run.log_metrics(tracking.final_metrics(result), step=result["epoch"])
-    run.log_files(tracking.result_files(resolved, result, checkpoint_dir))
+    run.log_files(run_files.result_files(resolved, result, checkpoint_dir))
     run.end("FINISHED", "finished")
     shown = {k: v for k, v in tracking.scalars(result).items() if k == "clean_acc" or k.startswith("adv_")}
     print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" (MLflow run {run.run_id}, {uri})")

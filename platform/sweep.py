@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from . import results, tracking
+from . import connection, journal, results, tracking
 from .errors import BadInput
 from .monitor import SweepMonitor
 from .space import SweepSpec, check_name, load_space, total_epochs
@@ -64,11 +64,11 @@ def connect(address: str | None) -> None:
 def check_client_tracking(address: str | None, uri: str) -> None:
     """Through Ray Client to another machine, trials run and log on the cluster's nodes, which cannot see a
     SQLite store on this one (they would each write a store of their own at that path)."""
-    if not through_client(address) or tracking.sqlite_path(uri) is None:
+    if not through_client(address) or connection.sqlite_path(uri) is None:
         return
     if urllib.parse.urlsplit(address).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise BadInput(f"--mlflow: the trials of a sweep joined through {address} log from the cluster, which "
-                       f"cannot see the SQLite store {tracking.sqlite_path(uri)} on this machine; pass the "
+                       f"cannot see the SQLite store {connection.sqlite_path(uri)} on this machine; pass the "
                        "cluster's tracking server (e.g. --mlflow http://HEAD:5000)")
 
 
@@ -189,14 +189,14 @@ def _parent_params(spec: SweepSpec) -> dict:
 
 def _start_tracking(spec: SweepSpec, base: dict, uri: str, space_text: str) -> dict:
     """Create the experiment and the sweep's parent run; return the constants every trial gets."""
-    mlflow = tracking.client(uri)
-    experiment_id = tracking.ensure_experiment(mlflow, spec.name, uri)
+    mlflow = connection.client(uri)
+    experiment_id = connection.ensure_experiment(mlflow, spec.name, uri)
     commit = tracking.git_commit()
     parent = tracking.RunLog.open(mlflow, experiment_id, spec.name, {
         **tracking.run_tags(base, "sweep", spec.name, commit),
         results.OBJECTIVES: json.dumps([o.model_dump() for o in spec.objectives]),
         results.SEARCH_KEYS: json.dumps(list(spec.search)), results.SEEDS: json.dumps(spec.seeds or []),
-        tracking.NOTE: spec.description})
+        connection.NOTE: spec.description})
     parent.log_params(_parent_params(spec))
     parent.log_files({"space.yaml": space_text.encode()})
     return {"spec": spec.model_dump(by_alias=True), "mlflow_uri": uri, "experiment_id": experiment_id,
@@ -205,7 +205,7 @@ def _start_tracking(spec: SweepSpec, base: dict, uri: str, space_text: str) -> d
 
 def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
     """Close what is still open, log the best config and the Pareto front on the parent run."""
-    mlflow = tracking.client(context["mlflow_uri"])
+    mlflow = connection.client(context["mlflow_uri"])
     parent = tracking.RunLog(mlflow, context["parent_run_id"])
     sweep = results.Sweep(spec.name, context["experiment_id"], parent.run_id,
                           [o.model_dump() for o in spec.objectives], list(spec.search), spec.seeds or [])
@@ -226,7 +226,7 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
         front = []
     summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front,
                                        results.differences(mlflow, records, spec.metrics))
-    parent.set_tags({tracking.NOTE: f"{spec.description}\n\n{summary}".strip()})
+    parent.set_tags({connection.NOTE: f"{spec.description}\n\n{summary}".strip()})
     if interrupted:
         parent.end("KILLED", "killed")
     elif not any(r.status == "FINISHED" for r in records):
@@ -258,9 +258,9 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
     if not resume and sweep_dir.exists():
         raise BadInput(f"a sweep named {spec.name!r} already exists in {storage}; continue it with --resume "
                        "or choose another --name")
-    uri = tracking.resolve_uri(mlflow_uri)
+    uri = connection.resolve_uri(mlflow_uri)
     check_client_tracking(address, uri)
-    tracking.check_reachable(uri)
+    connection.check_reachable(uri)
     check_data(base)
     connect(address)
     fit = check_resources(spec)
@@ -270,13 +270,13 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         if context["spec"] != spec.model_dump(by_alias=True) or context["mlflow_uri"] != uri:
             echo(f"note: resuming with the space and tracking URI the sweep started with ({context['mlflow_uri']})")
         spec = SweepSpec.model_validate(context["spec"])
-        tracking.retry(tracking.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
+        connection.retry(connection.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
     else:
         context = _start_tracking(spec, base, uri, Path(space_path).read_text())
         # one burn-in cache per storage folder: its keys hash everything a prefix depends on, so sweeps that
         # share a prefix (a study and its follow-ups) train it once
         context.update({"cache_dir": str(Path(storage) / CACHE_DIR), "cpus": spec.resources.cpu,
-                        "offline_dir": str(sweep_dir / tracking.OFFLINE_DIR)})  # read by `sync`, below
+                        "offline_dir": str(sweep_dir / journal.OFFLINE_DIR)})  # read by `sync`, below
         sweep_dir.mkdir(parents=True)
         (sweep_dir / CONTEXT_FILE).write_text(json.dumps(context))
     concurrent = max_concurrent or spec.run.max_concurrent or min(fit, spec.num_samples())
@@ -312,8 +312,8 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         if result.metrics.get(OUTCOME) == "invalid":
             echo(f"trial {result.metrics.get('trial_id', '')}: not retried, its config is invalid: "
                  f"{result.metrics.get(ERROR, '')}")
-    offline = sweep_dir / tracking.OFFLINE_DIR
-    if any(offline.glob("*.jsonl")) or not tracking.reachable(context["mlflow_uri"]):
+    offline = sweep_dir / journal.OFFLINE_DIR
+    if any(offline.glob("*.jsonl")) or not journal.reachable(context["mlflow_uri"]):
         echo(f"sweep {spec.name}: the MLflow tracking server {context['mlflow_uri']} became unreachable; "
              f"the trials' results wait in {offline}; once it is back, send them with: specreg sync "
              f"{spec.name} --storage {storage}")
@@ -347,11 +347,11 @@ def sync(name: str, storage="specreg-runs", echo=print) -> int:
     if not (sweep_dir / CONTEXT_FILE).is_file():
         raise BadInput(f"there is no sweep named {name!r} in {Path(storage).resolve()}")
     context = json.loads((sweep_dir / CONTEXT_FILE).read_text())
-    tracking.check_reachable(context["mlflow_uri"])
-    mlflow = tracking.client(context["mlflow_uri"])
-    count = tracking.sync_offline(mlflow, sweep_dir / tracking.OFFLINE_DIR)
+    connection.check_reachable(context["mlflow_uri"])
+    mlflow = connection.client(context["mlflow_uri"])
+    count = journal.sync_offline(mlflow, sweep_dir / journal.OFFLINE_DIR)
     spec = SweepSpec.model_validate(context["spec"])
-    if tracking.retry(mlflow.get_run, context["parent_run_id"]).info.status == "RUNNING":
+    if connection.retry(mlflow.get_run, context["parent_run_id"]).info.status == "RUNNING":
         _finish_tracking(context, spec, interrupted=False)
     echo(f"sweep {name}: sent the offline writes of {count} runs to {context['mlflow_uri']}")
     return 0

@@ -1,183 +1,27 @@
-"""MLflow tracking through `MlflowClient`, done by the process that runs the trial.
+"""MLflow run records through `MlflowClient`, written by the process that runs the trial.
 
 One experiment per sweep; a parent run for the sweep, a nested run per trial (`mlflow.parentRunId`), and
 for several seeds a nested run per seed under the trial's config run. Every write is retried on a
 temporary fault. A run ends FINISHED, FAILED or KILLED, never left RUNNING by a normal exit.
+
+This module holds what a run records (`RunLog`, its params, name, tags and seed aggregates); the
+connection (URI, client, retries, tag names) is `connection`, the offline journal `journal`, a finished
+run's artifacts `run_files`.
 """
-import io
-import json
-import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-
-import numpy as np
-import torch
-import yaml
 
 import specreg
 
-# Before MLflow is first imported: its telemetry client starts at import, cannot reach the network from
-# a cluster without egress, and sets/unsets an environment variable from a background thread, which
-# raced `requests` reading os.environ (KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in a trial).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode  # noqa: E402
-
-from .errors import BadInput
+from .connection import (ERROR, OUTCOME, ROLE, SWEEP, THREAT_MODEL, TRIAL_ID, Metric, MlflowClient, MlflowException,
+                         Param, RunTag, retry)
+from .journal import append, reachable
 from .space import flatten
 from .stats import mean_interval
 
-DEFAULT_DB = "mlruns.db"
-ARTIFACT_DIR = "mlartifacts"
-PARENT = "mlflow.parentRunId"
-ROLE = "specreg.role"            # sweep | trial | seed | train
-SWEEP = "specreg.sweep"
-TRIAL_ID = "specreg.trial_id"
-SEED = "specreg.seed"
-SEARCHED = "specreg.searched"   # a trial's searched values (JSON): only the keys whose conditions held
-OUTCOME = "specreg.outcome"      # finished | diverged | early_stopped | failed | killed
-ERROR = "specreg.error"
-THREAT_MODEL = "specreg.threat_model"
-NODE = "specreg.ray_node_id"     # where a trial ran: its Ray node, the resources Ray granted it, its torch device
-RESOURCES = "specreg.resources"
-DEVICE = "specreg.device"
-NOTE = "mlflow.note.content"     # a run's description in the MLflow UI (Markdown)
-# MLflow 3's experiment type: its UI offers training runs, not the GenAI overview and traces, for this kind
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ARRAY_KEYS = ("history", "distances", "spectrum")
-OFFLINE_DIR = "offline"          # in a sweep's storage folder: writes made while MLflow was unreachable
-_CLIENTS: dict[str, MlflowClient] = {}
-
-
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI: default `./mlruns.db`; a `.db` path or a relative SQLite URI made absolute.
-
-    Absolute because trials run in other working directories.
-    """
-    if not uri:
-        uri = DEFAULT_DB
-    if "://" not in uri and uri.endswith(".db"):
-        return f"sqlite:///{Path(uri).resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def require_store(uri: str) -> None:
-    """For reading commands: a SQLite store must already exist (reading must not create one), with its
-    artifacts beside it (see `relocate_artifacts`)."""
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise BadInput(f"--mlflow: no MLflow store at {path} (run a sweep first, or pass --mlflow URI)")
-    if path is not None:
-        relocate_artifacts(path)
-
-
-def relocate_artifacts(path: Path) -> None:
-    """Point a copied or moved SQLite store at the artifacts beside it.
-
-    MLflow records absolute artifact locations, so a copied store still read and wrote the original
-    folder's artifacts. The experiments this platform created keep theirs in `mlartifacts/NAME` beside
-    the store: where that recorded root is not the store's own folder, the experiments' and runs'
-    locations are rewritten to it (MLflow has no API to change an experiment's artifact location), once
-    that folder is there; without it, nothing is read or written and the error names both folders.
-    """
-    import sqlite3
-
-    root = (path.parent / ARTIFACT_DIR).as_uri()
-    with sqlite3.connect(path) as db:
-        recorded = {location.rsplit("/", 1)[0] for (location,) in db.execute(
-            "SELECT artifact_location FROM experiments JOIN experiment_tags USING (experiment_id) "
-            "WHERE key = ?", (SWEEP,))}
-        moved = recorded - {root}
-        if moved and not (path.parent / ARTIFACT_DIR).is_dir():
-            folders = ", ".join(sorted(m.removeprefix("file://") for m in moved))
-            raise BadInput(f"--mlflow: the store {path} keeps its artifacts in {folders}, and "
-                           f"there is no {ARTIFACT_DIR}/ beside it: copy the store's folder with its "
-                           f"{ARTIFACT_DIR}/, or point --mlflow at the original store")
-        for old in moved:
-            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
-                db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                           f"WHERE substr({column}, 1, ?) = ?", (root, len(old) + 1, len(old) + 1, old + "/"))
-    db.close()
-
-
-def ui_url(server: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
-    """A page of the MLflow UI on its training-runs side: MLflow 3.17's UI picks GenAI or model training
-    from a browser-wide switch (default GenAI) and from this URL parameter, not from the experiment."""
-    page = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
-    return f"{server.rstrip('/')}{page}?workflowType=machine_learning"
-
-
-def check_healthy(uri: str, timeout: float) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-    except (urllib.error.URLError, OSError) as error:
-        raise RuntimeError(f"the MLflow tracking server {uri} is unreachable: {error}") from None
-    raise RuntimeError(f"the MLflow tracking server {uri} is not healthy")
-
-
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer, or refuses this user."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    check_healthy(uri, timeout)
-    try:
-        client(uri).search_experiments(max_results=1)
-    except MlflowException as error:
-        if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            raise BadInput(f"--mlflow: the tracking server {uri} refused the request ({error.error_code}): give "
-                           "its user name and password in MLFLOW_TRACKING_USERNAME and "
-                           "MLFLOW_TRACKING_PASSWORD") from None
-        raise
-
-
-def client(uri: str) -> MlflowClient:
-    if uri not in _CLIENTS:
-        _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
-    return _CLIENTS[uri]
-
-
-def retry(call, *args, attempts: int = 5, **kwargs):
-    """Call, retrying temporary faults (a locked database, a dropped connection) with backoff."""
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except MlflowException as error:
-            if error.error_code != ErrorCode.Name(TEMPORARILY_UNAVAILABLE) or attempt == attempts - 1:
-                raise
-        except (OSError, ConnectionError):
-            if attempt == attempts - 1:
-                raise
-        time.sleep(0.5 * 2 ** attempt)
-
-
-def ensure_experiment(mlflow: MlflowClient, name: str, uri: str) -> str:
-    """The experiment's id, creating it (artifacts next to a SQLite store) if needed."""
-    experiment = retry(mlflow.get_experiment_by_name, name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            retry(mlflow.restore_experiment, experiment.experiment_id)
-        return experiment.experiment_id
-    path = sqlite_path(uri)
-    location = (path.parent / ARTIFACT_DIR / name).as_uri() if path else None
-    return retry(mlflow.create_experiment, name, artifact_location=location, tags={SWEEP: name, **EXPERIMENT_KIND})
 
 
 def git_commit() -> str:
@@ -290,7 +134,7 @@ class RunLog:
                 if self.offline_dir is None or reachable(self.mlflow._tracking_client.tracking_uri):
                     raise
                 self.offline = True
-        journal(Path(self.offline_dir), self.run_id, method, kwargs)
+        append(Path(self.offline_dir), self.run_id, method, kwargs)
 
     @classmethod
     def open(cls, mlflow: MlflowClient, experiment_id: str, name: str, tags: dict,
@@ -347,101 +191,9 @@ class RunLog:
         self._write("set_terminated", status=status)
 
 
-# --- offline journal: writes kept while the tracking server is unreachable ---------------------------
-
-def reachable(uri: str) -> bool:
-    try:
-        check_healthy(uri, timeout=5.0)
-    except RuntimeError:
-        return False
-    return True
-
-
-def journal(folder: Path, run_id: str, method: str, kwargs: dict) -> None:
-    """Append one write to `folder/<run_id>.jsonl` (artifacts copied beside it)."""
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = {"method": method}
-    for key, value in kwargs.items():
-        if key == "local_dir":
-            copy = folder / f"{run_id}-artifacts-{time.time_ns()}"
-            shutil.copytree(value, copy)
-            value = copy.name
-        elif key in ("metrics", "params", "tags"):
-            value = [m.to_dictionary() if hasattr(m, "to_dictionary") else {"key": m.key, "value": m.value}
-                     for m in value]
-        entry[key] = value
-    with open(folder / f"{run_id}.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def sync_offline(mlflow: MlflowClient, folder: Path) -> int:
-    """Send every journalled write in folder to the tracking server, in order; return how many runs."""
-    import shutil
-
-    runs = sorted(Path(folder).glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if Path(folder).is_dir() else []
-    for path in runs:
-        run_id = path.stem
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            method = entry.pop("method")
-            if method == "log_batch":
-                retry(mlflow.log_batch, run_id,
-                      metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in entry.get("metrics", [])],
-                      params=[Param(p["key"], p["value"]) for p in entry.get("params", [])],
-                      tags=[RunTag(t["key"], t["value"]) for t in entry.get("tags", [])])
-            elif method == "log_artifacts":
-                retry(mlflow.log_artifacts, run_id, str(path.parent / entry["local_dir"]))
-                shutil.rmtree(path.parent / entry["local_dir"])
-            else:
-                retry(getattr(mlflow, method), run_id, **entry)
-        path.unlink()
-    return len(runs)
-
-
-def not_yet_sent(mlflow: MlflowClient, run_id: str, pending: list[list]) -> list[list]:
-    """The buffered epochs (from a checkpoint) that the run does not hold yet: an attempt that failed
-    flushed its buffer before ending, so its retry must not send those epochs again."""
-    sent: dict[str, set] = {}
-    out = []
-    for step, metrics in pending:
-        if not metrics:
-            continue
-        key = next(iter(metrics))  # an epoch's metrics are sent together: one key tells
-        if key not in sent:
-            sent[key] = {m.step for m in retry(mlflow.get_metric_history, run_id, key)}
-        if step not in sent[key]:
-            out.append([step, metrics])
-    return out
-
-
 def close_trial_runs(mlflow: MlflowClient, experiment_id: str, trial_id: str, status: str, outcome: str,
                      error: str | None = None) -> None:
     """End a trial's runs (config and seeds) that are still RUNNING: the trial could not (stopped, lost)."""
     query = f"tags.`{TRIAL_ID}` = '{trial_id}' and attributes.status = 'RUNNING'"
     for run in retry(mlflow.search_runs, [experiment_id], query):
         RunLog(mlflow, run.info.run_id).end(status, outcome, error)
-
-
-def config_yaml(config: dict) -> bytes:
-    return yaml.safe_dump(config, sort_keys=False).encode()
-
-
-def result_files(resolved: dict, result: dict, checkpoint_dir) -> dict[str, bytes]:
-    """The artifacts of a finished run: its config, final model weights, attack distances, spectrum."""
-    files = {"config.yaml": config_yaml(resolved)}
-    if (Path(checkpoint_dir) / "state.pt").is_file():
-        buffer = io.BytesIO()
-        torch.save(specreg.load_checkpoint(checkpoint_dir)["model"], buffer)
-        files["model.pt"] = buffer.getvalue()
-    if result.get("distances") is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(result["distances"]))
-        files["distances.npy"] = buffer.getvalue()
-    if result.get("spectrum") is not None:
-        files["spectrum.json"] = json.dumps(list(result["spectrum"])).encode()
-    from .figures import trial_figures  # matplotlib, loaded only where a run finishes
-
-    files.update(trial_figures(result, (resolved.get("attack") or {}).get("eps", [])))
-    return files

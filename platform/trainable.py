@@ -17,7 +17,7 @@ import ray
 import torch
 from ray import tune
 
-from . import burnin, tracking
+from . import burnin, connection, journal, run_files, tracking
 from .space import SweepSpec, set_dotted, total_epochs
 
 CONTEXT = "_specreg"        # the param_space key holding the sweep's constants
@@ -73,10 +73,10 @@ def run_trial(config: dict) -> None:
 def report_if_finished(context: dict, spec: SweepSpec) -> bool:
     """A trial that finished in MLflow after Ray last saved the sweep's state (the driver was killed in
     between) is restarted by --resume: report its tracked result instead of training it again."""
-    mlflow = tracking.client(context["mlflow_uri"])
-    query = (f"tags.`{tracking.PARENT}` = '{context['parent_run_id']}' and "
-             f"tags.`{tracking.TRIAL_ID}` = '{tune.get_context().get_trial_id()}' and attributes.status = 'FINISHED'")
-    found = tracking.retry(mlflow.search_runs, [context["experiment_id"]], query, max_results=1)
+    mlflow = connection.client(context["mlflow_uri"])
+    query = (f"tags.`{connection.PARENT}` = '{context['parent_run_id']}' and "
+             f"tags.`{connection.TRIAL_ID}` = '{tune.get_context().get_trial_id()}' and attributes.status = 'FINISHED'")
+    found = connection.retry(mlflow.search_runs, [context["experiment_id"]], query, max_results=1)
     if not found:
         return False
     metrics = found[0].data.metrics
@@ -99,14 +99,14 @@ class Trial:
             with checkpoint.as_directory() as directory:
                 shutil.copytree(directory, self.work, dirs_exist_ok=True)
             self.state = json.loads((self.work / STATE).read_text())
-        self.mlflow = tracking.client(context["mlflow_uri"])
+        self.mlflow = connection.client(context["mlflow_uri"])
         self.trial_id = tune.get_context().get_trial_id()
         self.name = tracking.run_name(resolved, values)
         self.config_run = self._open(self.name, context["parent_run_id"], "trial", resolved,
-                                     {tracking.TRIAL_ID: self.trial_id})
+                                     {connection.TRIAL_ID: self.trial_id})
         runtime = ray.get_runtime_context()
-        self.config_run.set_tags({tracking.SEARCHED: json.dumps(values), tracking.NODE: runtime.get_node_id(),
-                                  tracking.RESOURCES: json.dumps(runtime.get_assigned_resources())})
+        self.config_run.set_tags({connection.SEARCHED: json.dumps(values), connection.NODE: runtime.get_node_id(),
+                                  connection.RESOURCES: json.dumps(runtime.get_assigned_resources())})
         params = dict(resolved)
         if self.multi:
             params = set_dotted(params, "train", {k: v for k, v in resolved["train"].items() if k != "seed"})
@@ -114,16 +114,16 @@ class Trial:
         self.config_run.log_params(tracking.run_params(params))
         for run_id, pending in self.state.pop("pending", {}).items():  # buffered when the trial stopped
             unsent = tracking.RunLog(self.mlflow, run_id)
-            unsent.pending = tracking.not_yet_sent(self.mlflow, run_id, pending)  # a failed attempt flushed
+            unsent.pending = journal.not_yet_sent(self.mlflow, run_id, pending)  # a failed attempt flushed
             unsent.flush()
         self.current = self.config_run  # the run being trained: a seed's run with several seeds
         self.checkpointed = time.monotonic()
 
     def _open(self, name: str, parent: str, role: str, resolved: dict, match: dict) -> tracking.RunLog:
         tags = {**tracking.run_tags(resolved, role, self.context["sweep"], self.context["commit"]),
-                tracking.PARENT: parent, **match}
+                connection.PARENT: parent, **match}
         run = tracking.RunLog.open(self.mlflow, self.context["experiment_id"], name, tags,
-                                   match={tracking.PARENT: parent, **match})
+                                   match={connection.PARENT: parent, **match})
         if self.context.get("offline_dir"):  # in the sweep's storage: where writes wait out a tracking outage
             run.offline_dir = Path(self.context["offline_dir"])
         return run
@@ -132,18 +132,18 @@ class Trial:
         import specreg
 
         try:  # the device ("auto": CUDA where this worker sees a GPU) is tracked where a failure is recorded
-            self.config_run.set_tags({tracking.DEVICE: str(specreg.resolve_device(self.resolved["train"]["device"]))})
+            self.config_run.set_tags({connection.DEVICE: str(specreg.resolve_device(self.resolved["train"]["device"]))})
             for index in range(len(self.state["results"]), len(self.seeds)):
                 seed = self.seeds[index]
                 seed_config = set_dotted(self.resolved, "train.seed", seed)
                 if self.multi:
                     self.current = self._open(
                         f"{self.name} seed {seed}", self.config_run.run_id, "seed", seed_config,
-                        {tracking.TRIAL_ID: self.trial_id, tracking.SEED: seed})
+                        {connection.TRIAL_ID: self.trial_id, connection.SEED: seed})
                     self.current.log_params(tracking.run_params(seed_config))
                 result = self._train(seed_config, self.current)
                 self.current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
-                self.current.log_files(tracking.result_files(seed_config, result, self.work / TRAIN_DIR))
+                self.current.log_files(run_files.result_files(seed_config, result, self.work / TRAIN_DIR))
                 self.state["results"].append(tracking.scalars(result))
                 if self.multi:
                     self.current.end("FINISHED", "finished")
@@ -154,7 +154,7 @@ class Trial:
             if self.multi:
                 final = tracking.aggregate(self.state["results"])
                 self.config_run.log_metrics(final, step=int(final["epoch"]))
-                self.config_run.log_files({"config.yaml": tracking.config_yaml(
+                self.config_run.log_files({"config.yaml": run_files.config_yaml(
                     set_dotted(self.resolved, "train.seed", self.seeds[0]))})
             self.config_run.end("FINISHED", "finished")
             self._report({**final, FINAL: 1, OUTCOME: "finished"}, checkpoint=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import results, tracking
+from specreg_platform import connection, results
 
 from platform_helpers import TINY_BASE, cli, tiny_space, write_yaml
 
@@ -41,8 +41,8 @@ def swept(tmp_path_factory):
     mlflow = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
     sweep = results.find_sweep(mlflow, "view")
     runs = {r.info.run_id: r for r in mlflow.search_runs([sweep.experiment_id])}
-    trials = {json.loads(r.data.tags[tracking.SEARCHED])["regularizer.kind"]: r for r in runs.values()
-              if r.data.tags[tracking.ROLE] == "trial"}
+    trials = {json.loads(r.data.tags[connection.SEARCHED])["regularizer.kind"]: r for r in runs.values()
+              if r.data.tags[connection.ROLE] == "trial"}
     return {"folder": folder, "output": done.stdout + done.stderr, "mlflow": mlflow, "sweep": sweep,
             "trials": trials, "parent": runs[sweep.parent_run_id]}
 
@@ -93,7 +93,7 @@ def test_a_copied_store_reads_and_writes_only_its_own_artifacts(swept, tmp_path)
     result = cli("report", "view", "--mlflow", copy / "mlruns.db", "--out", tmp_path / "report", "--format", "md")
     assert result.exit_code == 0, result.output
     assert _snapshot(original) == before  # the original folder is untouched
-    assert list((copy / tracking.ARTIFACT_DIR).rglob("report/*.png"))  # the figures went into the copy's
+    assert list((copy / connection.ARTIFACT_DIR).rglob("report/*.png"))  # the figures went into the copy's
 
     moved = tmp_path / "moved"
     shutil.copytree(original, moved, ignore=shutil.ignore_patterns("specreg-runs"))
@@ -116,14 +116,14 @@ def test_a_store_copied_without_its_artifacts_is_refused_naming_the_folder(swept
         result = cli(*args, "--mlflow", tmp_path / "lone" / "mlruns.db")
         assert result.exit_code == 2, result.output
         said = "".join(result.output.split())  # as one line, whatever the console wrapped
-        assert str(swept["folder"] / tracking.ARTIFACT_DIR) in said and "nomlartifacts/besideit" in said
+        assert str(swept["folder"] / connection.ARTIFACT_DIR) in said and "nomlartifacts/besideit" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lone"]  # no output folder
 
 
 def test_export_that_cannot_read_a_run_leaves_no_output_folder(swept, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(swept["folder"], copy, ignore=shutil.ignore_patterns("specreg-runs"))
-    configs = list((copy / tracking.ARTIFACT_DIR).rglob("config.yaml"))
+    configs = list((copy / connection.ARTIFACT_DIR).rglob("config.yaml"))
     assert configs
     for config in configs:  # every trial's resolved config is gone from the copy
         config.unlink()

@@ -91,10 +91,10 @@ def test_no_default_that_every_caller_overrides():
     import ast
     from pathlib import Path
 
-    from specreg_platform import tracking, trainable
+    from specreg_platform import connection, run_files, trainable
 
     empty = inspect.Parameter.empty
-    for function, name in [(tracking.check_healthy, "timeout"), (tracking.result_files, "checkpoint_dir"),
+    for function, name in [(connection.check_healthy, "timeout"), (run_files.result_files, "checkpoint_dir"),
                            (trainable.Trial._end, "error"), (results.summary_markdown, "versus"),
                            (results.ranking_objectives, "objective"), (results.ranking_objectives, "mode")]:
         assert inspect.signature(function).parameters[name].default is empty, (function.__name__, name)

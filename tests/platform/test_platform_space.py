@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
-from specreg_platform import burnin, results, tracking
+from specreg_platform import burnin, connection, results, tracking
 from specreg_platform.errors import BadInput
 from specreg_platform.space import SweepSpec, load_space
 
@@ -179,7 +179,7 @@ def test_epoch_metrics_are_buffered_then_sent_with_their_steps(store):
     from mlflow import MlflowClient
 
     mlflow = MlflowClient(store)
-    run = tracking.RunLog.open(mlflow, tracking.ensure_experiment(mlflow, "buffered", store), "run", {})
+    run = tracking.RunLog.open(mlflow, connection.ensure_experiment(mlflow, "buffered", store), "run", {})
     run.log_epoch({"loss": 1.0, "alpha_hat": None}, step=1)
     run.log_epoch({"loss": 0.5}, step=2)
     assert mlflow.get_metric_history(run.run_id, "loss") == [] and len(run.pending) == 2
