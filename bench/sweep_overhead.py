@@ -41,7 +41,7 @@ BURNIN_BASE = {
 def sweep(space: dict, work: Path, *args: str) -> tuple:
     """Run `specreg sweep` in a fresh store; return its wall seconds, the seconds before the first trial
     and after the last (Ray and MLflow start-up, summary), the trial records and the store's client."""
-    from specreg_platform import connection, results
+    from specreg_platform import connection, sweep_records
 
     path = work / f"{space['name']}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -51,7 +51,7 @@ def sweep(space: dict, work: Path, *args: str) -> tuple:
                     str(work / "runs"), *args], check=True, cwd=work, stdout=subprocess.DEVNULL)
     ended = time.time()
     mlflow = connection.client(connection.resolve_uri(str(store)))
-    trials = results.trials(mlflow, results.find_sweep(mlflow, space["name"]))
+    trials = sweep_records.trials(mlflow, sweep_records.find_sweep(mlflow, space["name"]))
     fixed = (min(t.start_ms for t in trials) / 1000 - started) + (ended - max(t.end_ms for t in trials) / 1000)
     return ended - started, fixed, trials, mlflow
 
@@ -79,11 +79,11 @@ def describe(space: dict) -> str:
 
 def overhead(work: Path) -> dict:
     import specreg
-    from specreg_platform import results
+    from specreg_platform import sweep_records
 
     space = overhead_space()
     sweep_seconds, fixed, trials, mlflow = sweep(space, work, "--max-concurrent", "1")
-    configs = [results.run_config(mlflow, t.run_id) for t in trials]
+    configs = [sweep_records.run_config(mlflow, t.run_id) for t in trials]
     torch.set_num_threads(1)
     durations = []
     for config in configs:

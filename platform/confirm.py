@@ -14,11 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from . import connection, results, tracking
+from . import connection, results, sweep_records, tracking
 from .errors import BadInput
-# The links' tags and reading them back live in results (below this module, which runs sweeps), where export
-# and report read them; they stay importable from here.
-from .results import CONFIRMED_BY, CONFIRMS, CONFIRMS_RUN, confirmations, prefer_confirmed  # noqa: F401
+from .sweep_records import CONFIRMED_BY, CONFIRMS, CONFIRMS_RUN  # the links' tags, read back by sweep_records
 from .space import flatten
 
 
@@ -26,11 +24,11 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def choose(records: list[results.TrialRecord], objectives: list[dict], top: int,
-           per: str | None = None) -> list[results.TrialRecord]:
+def choose(records: list[sweep_records.TrialRecord], objectives: list[dict], top: int,
+           per: str | None = None) -> list[sweep_records.TrialRecord]:
     """The top `top` trials by the first objective (the Pareto set with several, capped at `top`),
     within each value of the param `per` when given."""
-    ranked = results.rankable(records, [o["metric"] for o in objectives])
+    ranked = sweep_records.rankable(records, [o["metric"] for o in objectives])
     if per is not None and not any(per in r.params for r in ranked):
         raise BadInput(f"--per: {per!r} is not a param of the trials (e.g. regularizer.kind)")
     groups: dict[str, list] = {}
@@ -40,12 +38,12 @@ def choose(records: list[results.TrialRecord], objectives: list[dict], top: int,
     sign = -1 if first["mode"] == "max" else 1
     chosen = []
     for group in groups.values():
-        pool = results.pareto(group, objectives) if len(objectives) > 1 else group
+        pool = sweep_records.pareto(group, objectives) if len(objectives) > 1 else group
         chosen += sorted(pool, key=lambda r: sign * r.metrics[first["metric"]])[:top]
     return chosen
 
 
-def fresh_seeds(sweep: results.Sweep, records: list[results.TrialRecord], count: int) -> list[int]:
+def fresh_seeds(sweep: sweep_records.Sweep, records: list[sweep_records.TrialRecord], count: int) -> list[int]:
     """`count` seeds above every seed the sweep used."""
     used = set(sweep.seeds) | {int(r.params["train.seed"]) for r in records if "train.seed" in r.params}
     start = max(used, default=-1) + 1
@@ -87,7 +85,7 @@ def child_name(mlflow, name: str, storage: Path) -> str:
     raise BadInput(f"{name}: too many confirmations already")
 
 
-def parent_space(mlflow, sweep: results.Sweep) -> dict:
+def parent_space(mlflow, sweep: sweep_records.Sweep) -> dict:
     """The search space the sweep ran (its parent run's `space.yaml`)."""
     with tempfile.TemporaryDirectory() as staging:
         path = connection.retry(mlflow.download_artifacts, sweep.parent_run_id, "space.yaml", staging)
@@ -106,13 +104,13 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
     connection.require_store(uri)
     connection.check_reachable(uri)
     mlflow = connection.client(uri)
-    sweep = results.find_sweep(mlflow, name)
+    sweep = sweep_records.find_sweep(mlflow, name)
     objectives = results.ranking_objectives(sweep, objective, mode)
-    records = results.trials(mlflow, sweep)
+    records = sweep_records.trials(mlflow, sweep)
     chosen = choose(records, objectives, top, per)
     if not chosen:
         raise BadInput(f"sweep {name!r} has no finished trial with {', '.join(o['metric'] for o in objectives)}")
-    configs = [results.run_config(mlflow, r.run_id) for r in chosen]
+    configs = [sweep_records.run_config(mlflow, r.run_id) for r in chosen]
     section = varying_section(configs, sweep.search_keys)
     storage = Path(storage).resolve()
     child = child_name(mlflow, name, storage)
@@ -130,11 +128,11 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
     return code
 
 
-def link(mlflow, sweep: results.Sweep, child: str, chosen, configs, section: str) -> None:
+def link(mlflow, sweep: sweep_records.Sweep, child: str, chosen, configs, section: str) -> None:
     """Tag the child sweep's runs with what they confirm, and the parent sweep with its confirmation."""
-    child_sweep = results.find_sweep(mlflow, child)
+    child_sweep = sweep_records.find_sweep(mlflow, child)
     tracking.RunLog(mlflow, child_sweep.parent_run_id).set_tags({CONFIRMS: sweep.name})
-    for record in results.trials(mlflow, child_sweep):
+    for record in sweep_records.trials(mlflow, child_sweep):
         value = _canonical(record.searched.get(section))
         parents = [r.run_id for r, c in zip(chosen, configs) if _canonical(c[section]) == value]
         tracking.RunLog(mlflow, record.run_id).set_tags({CONFIRMS_RUN: json.dumps(parents)})

@@ -6,7 +6,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
-from . import figures, results
+from . import figures, sweep_records
 
 
 @dataclass
@@ -81,7 +81,7 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto
 def _cell(value) -> str:
     if isinstance(value, Link):
         return f"<td><a href='{html.escape(value.url)}'>{html.escape(value.text)}</a></td>"
-    noise = " class='noise'" if isinstance(value, results.Difference) and value.within_noise else ""
+    noise = " class='noise'" if isinstance(value, sweep_records.Difference) and value.within_noise else ""
     return f"<td{noise}>{html.escape(str(value))}</td>"
 
 

@@ -6,7 +6,7 @@ with a `figures/` folder, and its figures are logged to the sweep's parent run u
 first objective). With seeds, every value is a config's seed mean; tables and bands show the platform's
 95% t-interval over seeds (as MLflow and export do), while the seed-aware Pareto front and the paired
 differences between arms use 95% percentile-bootstrap intervals. Every trial is listed against the
-baseline (`results.differences`: paired over the attacked points), with a link to its MLflow run.
+baseline (`sweep_records.differences`: paired over the attacked points), with a link to its MLflow run.
 Accuracies are in percent, their differences in percentage points, other numbers to 3 significant figures.
 
 This module holds the report's sections and writes it; what it reads from MLflow is `sweep_data`, its
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import connection, figures, results  # connection first: it configures MLflow before importing it
+from . import connection, figures, sweep_records  # connection first: it configures MLflow before importing it
 from .confirm import parent_space
 from .errors import BadInput
 from .render import Block, Link, fmt, fmt_difference, to_html, to_markdown, with_interval
@@ -79,7 +79,7 @@ def trials_table(data: SweepData) -> list[Block]:
         rows.append([run_link(data, record), *(fmt(searched.get(k, "—")) for k in data.sweep.search_keys),
                      record.outcome, *(fmt(record.metrics.get(m), m) for m in metrics), *deltas])
     server = "the tracking server" if data.mlflow.tracking_uri.startswith("http") else f"`specreg ui` ({UI_SERVER})"
-    note = (results.DIFFERENCE_NOTE if data.versus else
+    note = (sweep_records.DIFFERENCE_NOTE if data.versus else
             "No baseline: no trial of kind none finished beside other kinds, so no differences are shown.")
     return [Block("heading", "All trials"),
             Block("text", f"{note} A trial's name links to its MLflow run, served by {server}."),
@@ -116,7 +116,7 @@ def robust_curve_figure(data: SweepData, best: dict) -> list[Block]:
 def tradeoff_section(data: SweepData) -> list[Block]:
     """Clean versus robust for every trial, the Pareto front of the two, and (with seeds) its table."""
     pair = [{"metric": "clean_acc", "mode": "max"}, {"metric": data.robust, "mode": "max"}]
-    front = results.pareto(data.records, pair)
+    front = sweep_records.pareto(data.records, pair)
     points = []
     for record in data.records:
         point = {"kind": data.kind(record), "clean": record.metrics["clean_acc"], "robust": record.metrics[data.robust]}
@@ -135,7 +135,7 @@ def tradeoff_section(data: SweepData) -> list[Block]:
     blocks = [Block("heading", "Clean versus robust accuracy"),
               Block("figure", caption, png=figures.png(figure), name="clean_vs_robust")]
     objectives = data.objectives if len(data.objectives) > 1 else pair
-    members = results.pareto(data.records, objectives)
+    members = sweep_records.pareto(data.records, objectives)
     labels = data.labels(data.records)
     rows = [[r.trial_id, labels[r.run_id], *(with_interval(*data.interval(r, o["metric"], True), o["metric"])
                                              for o in objectives)] for r in members]

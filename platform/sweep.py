@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from . import connection, journal, results, tracking
+from . import connection, journal, sweep_records, tracking
 from .errors import BadInput
 from .monitor import SweepMonitor
 from .space import SweepSpec, check_name, load_space, total_epochs
@@ -194,8 +194,8 @@ def _start_tracking(spec: SweepSpec, base: dict, uri: str, space_text: str) -> d
     commit = tracking.git_commit()
     parent = tracking.RunLog.open(mlflow, experiment_id, spec.name, {
         **tracking.run_tags(base, "sweep", spec.name, commit),
-        results.OBJECTIVES: json.dumps([o.model_dump() for o in spec.objectives]),
-        results.SEARCH_KEYS: json.dumps(list(spec.search)), results.SEEDS: json.dumps(spec.seeds or []),
+        sweep_records.OBJECTIVES: json.dumps([o.model_dump() for o in spec.objectives]),
+        sweep_records.SEARCH_KEYS: json.dumps(list(spec.search)), sweep_records.SEEDS: json.dumps(spec.seeds or []),
         connection.NOTE: spec.description})
     parent.log_params(_parent_params(spec))
     parent.log_files({"space.yaml": space_text.encode()})
@@ -207,25 +207,25 @@ def _finish_tracking(context: dict, spec: SweepSpec, interrupted: bool) -> list:
     """Close what is still open, log the best config and the Pareto front on the parent run."""
     mlflow = connection.client(context["mlflow_uri"])
     parent = tracking.RunLog(mlflow, context["parent_run_id"])
-    sweep = results.Sweep(spec.name, context["experiment_id"], parent.run_id,
+    sweep = sweep_records.Sweep(spec.name, context["experiment_id"], parent.run_id,
                           [o.model_dump() for o in spec.objectives], list(spec.search), spec.seeds or [])
-    records = results.trials(mlflow, sweep)
+    records = sweep_records.trials(mlflow, sweep)
     for record in records:
         if record.status == "RUNNING":
             tracking.close_trial_runs(mlflow, context["experiment_id"], record.trial_id, "KILLED", "killed")
-    ranked = results.rankable(records, spec.metrics)
+    ranked = sweep_records.rankable(records, spec.metrics)
     if ranked:
-        front = results.pareto(ranked, sweep.objectives)
-        top = results.best(ranked, spec.metrics[0], spec.modes[0])
+        front = sweep_records.pareto(ranked, sweep.objectives)
+        top = sweep_records.best(ranked, spec.metrics[0], spec.modes[0])
         parent.log_metrics({f"best/{m}": top.metrics[m] for m in spec.metrics})
         parent.set_tags({"specreg.best_run_id": top.run_id, "specreg.pareto_run_ids": json.dumps(
             [r.run_id for r in front])})
         parent.log_files({file: text.encode() for file, text in
-                          results.front_files(mlflow, top, front, spec.metrics).items()})
+                          sweep_records.front_files(mlflow, top, front, spec.metrics).items()})
     else:
         front = []
-    summary = results.summary_markdown(sweep, records, ranked, sweep.objectives, front,
-                                       results.differences(mlflow, records, spec.metrics))
+    summary = sweep_records.summary_markdown(sweep, records, ranked, sweep.objectives, front,
+                                       sweep_records.differences(mlflow, records, spec.metrics))
     parent.set_tags({connection.NOTE: f"{spec.description}\n\n{summary}".strip()})
     if interrupted:
         parent.end("KILLED", "killed")

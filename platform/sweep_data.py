@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import connection, figures, results  # connection first: it configures MLflow before importing it
+from . import connection, figures, sweep_records  # connection first: it configures MLflow before importing it
 from .errors import BadInput
 from .render import fmt
 from .space import flatten
@@ -33,11 +33,11 @@ class SweepData:
 
     def __init__(self, mlflow, name: str, eps: float | None = None):
         self.mlflow = mlflow
-        self.sweep = results.find_sweep(mlflow, name)
-        self.all = results.trials(mlflow, self.sweep)
+        self.sweep = sweep_records.find_sweep(mlflow, name)
+        self.all = sweep_records.trials(mlflow, self.sweep)
         self.objectives = self.sweep.objectives
-        self.records = results.rankable(self.all, ["clean_acc"])
-        robust = [o for o in self.objectives if results.is_robust(o["metric"])]
+        self.records = sweep_records.rankable(self.all, ["clean_acc"])
+        robust = [o for o in self.objectives if sweep_records.is_robust(o["metric"])]
         self.eps = eps_values(self.records)
         if eps is not None:
             self.robust = eps_key(self.records, eps)
@@ -46,11 +46,11 @@ class SweepData:
         else:
             self.robust = eps_key(self.records, self.eps[len(self.eps) // 2]) if self.eps else None
         if self.robust:
-            self.records = results.rankable(self.records, [self.robust])  # refuses mixed threat models
+            self.records = sweep_records.rankable(self.records, [self.robust])  # refuses mixed threat models
         self.rank = robust[0] if robust else self.objectives[0]
         self.seeds = self._seed_runs() if len(self.sweep.seeds) > 1 else {}
-        self.baseline = results.baseline(self.all)
-        self.versus = results.differences(mlflow, self.all, ["clean_acc", *([self.robust] if self.robust else [])])
+        self.baseline = sweep_records.baseline(self.all)
+        self.versus = sweep_records.differences(mlflow, self.all, ["clean_acc", *([self.robust] if self.robust else [])])
 
     def _seed_runs(self) -> dict[str, dict[int, tuple[str, dict]]]:
         """{config run id: {seed: (seed run id, metrics)}} of the finished seed runs."""
@@ -86,10 +86,10 @@ class SweepData:
                     record.metrics[f"{metric}_ci95_high"])
         return record.metrics.get(metric, math.nan), None, None
 
-    def best_per_kind(self) -> dict[str, results.TrialRecord]:
+    def best_per_kind(self) -> dict[str, sweep_records.TrialRecord]:
         metric, mode = self.rank["metric"], self.rank["mode"]
         ranked = [r for r in self.records if math.isfinite(r.metrics.get(metric, math.nan))]
-        return {k: results.best(mine, metric, mode) for k in self.kinds()
+        return {k: sweep_records.best(mine, metric, mode) for k in self.kinds()
                 if (mine := [r for r in ranked if self.kind(r) == k])}
 
     def artifact_runs(self, record) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import connection, results
+from specreg_platform import connection, sweep_records
 
 from platform_helpers import TINY_BASE, cli, tiny_space, write_yaml
 
@@ -39,7 +39,7 @@ def swept(tmp_path_factory):
                               "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     mlflow = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
-    sweep = results.find_sweep(mlflow, "view")
+    sweep = sweep_records.find_sweep(mlflow, "view")
     runs = {r.info.run_id: r for r in mlflow.search_runs([sweep.experiment_id])}
     trials = {json.loads(r.data.tags[connection.SEARCHED])["regularizer.kind"]: r for r in runs.values()
               if r.data.tags[connection.ROLE] == "trial"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 
 from platform_helpers import SPACES
 from shared_helpers import free_port
@@ -102,8 +102,8 @@ def test_smoke_sweep_through_ray_client(tmp_path, head_node):
     assert "sweep quickstart-smoke done" in done.stdout
 
     mlflow = MlflowClient(f"sqlite:///{store}")
-    sweep = results.find_sweep(mlflow, "quickstart-smoke")
-    trials = results.trials(mlflow, sweep)
+    sweep = sweep_records.find_sweep(mlflow, "quickstart-smoke")
+    trials = sweep_records.trials(mlflow, sweep)
     assert len(trials) == 2 and {t.status for t in trials} == {"FINISHED"}
     for trial in trials:
         assert "clean_acc" in trial.metrics and "adv_acc_eps_1.0" in trial.metrics

@@ -7,7 +7,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 
 from platform_helpers import cli, tiny_space, write_yaml
 
@@ -32,7 +32,7 @@ def test_quarter_gpu_trials_share_one_gpu_four_at_a_time(tmp_path, store, one_gp
     assert "up to 4 at a time" in result.output
 
     mlflow = MlflowClient(store)
-    trials = results.trials(mlflow, results.find_sweep(mlflow, "quarter-gpu"))
+    trials = sweep_records.trials(mlflow, sweep_records.find_sweep(mlflow, "quarter-gpu"))
     assert len(trials) == 4 and {t.status for t in trials} == {"FINISHED"}
     spans = sorted((t.start_ms, t.end_ms) for t in trials)
     assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # all four ran at once

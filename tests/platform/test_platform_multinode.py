@@ -7,7 +7,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 
 from platform_helpers import cli, tiny_space, write_yaml
 from shared_helpers import free_port, wait_healthy
@@ -53,8 +53,8 @@ def test_trials_run_on_both_workers_and_every_run_reaches_the_server(tmp_path, t
     assert result.exit_code == 0, result.output
 
     mlflow = MlflowClient(uri)
-    sweep = results.find_sweep(mlflow, "multinode")
-    trials = results.trials(mlflow, sweep)
+    sweep = sweep_records.find_sweep(mlflow, "multinode")
+    trials = sweep_records.trials(mlflow, sweep)
     assert len(trials) == 2 and {t.status for t in trials} == {"FINISHED"}
     nodes = {mlflow.get_run(t.run_id).data.tags["specreg.ray_node_id"] for t in trials}
     assert nodes == two_worker_cluster

@@ -7,7 +7,7 @@ import typer
 import yaml
 
 import specreg
-from specreg_platform import cli, results, space, sweep
+from specreg_platform import cli, results, space, sweep, sweep_records
 from specreg_platform.errors import BadInput
 
 from platform_helpers import TINY_BASE, tiny_space, write_yaml
@@ -31,7 +31,7 @@ def test_one_bad_input_base_is_exit_2(error, code, capsys):
 
 def test_an_export_of_a_sweep_without_a_finished_trial_is_bad_input(tmp_path, monkeypatch):
     """The same condition `specreg confirm` reports as bad input (it was a RuntimeError here: exit 1)."""
-    sweep_ = results.Sweep("s", "0", "parent", [{"metric": "clean_acc", "mode": "max"}], [], [])
+    sweep_ = sweep_records.Sweep("s", "0", "parent", [{"metric": "clean_acc", "mode": "max"}], [], [])
     monkeypatch.setattr(results, "find_sweep", lambda mlflow, name: sweep_)
     monkeypatch.setattr(results, "trials", lambda mlflow, s: [])
     monkeypatch.setattr(results, "prefer_confirmed", lambda mlflow, s, records: records)
@@ -68,19 +68,19 @@ def test_one_strict_base_and_one_error_format_for_configs_and_spaces(tmp_path):
 
 def test_best_and_pareto_have_one_writer(monkeypatch, tmp_path):
     configs = {"a": {**TINY_BASE, "data": {"name": "npz", "path": str(tmp_path / "data.npz")}}, "b": TINY_BASE}
-    monkeypatch.setattr(results, "run_config", lambda mlflow, run_id: configs[run_id])
+    monkeypatch.setattr(sweep_records, "run_config", lambda mlflow, run_id: configs[run_id])
 
     def record(run_id, acc):
-        return results.TrialRecord("s", run_id, f"t-{run_id}", "FINISHED", "finished", {}, {},
+        return sweep_records.TrialRecord("s", run_id, f"t-{run_id}", "FINISHED", "finished", {}, {},
                                    {"clean_acc": acc}, 0, 1, "")
 
     front = [record("a", 0.9), record("b", 0.8)]
-    stored = results.front_files(None, front[0], front, ["clean_acc"])
+    stored = sweep_records.front_files(None, front[0], front, ["clean_acc"])
     assert yaml.safe_load(stored["best.yaml"]) == configs["a"]
     pareto = yaml.safe_load(stored["pareto.yaml"])
     assert [(p["mlflow_run_id"], p["trial_id"], p["metrics"]) for p in pareto] == \
         [("a", "t-a", {"clean_acc": 0.9}), ("b", "t-b", {"clean_acc": 0.8})]
-    exported = results.front_files(None, front[0], front, ["clean_acc"], tmp_path / "out")
+    exported = sweep_records.front_files(None, front[0], front, ["clean_acc"], tmp_path / "out")
     assert yaml.safe_load(exported["best.yaml"])["data"]["path"] == "../data.npz"  # portable in an export
     source = inspect.getsource(sweep._finish_tracking)
     assert "front_files" in source and "safe_dump" not in source and "config_yaml" not in source
@@ -95,7 +95,7 @@ def test_no_default_that_every_caller_overrides():
 
     empty = inspect.Parameter.empty
     for function, name in [(connection.check_healthy, "timeout"), (run_files.result_files, "checkpoint_dir"),
-                           (trainable.Trial._end, "error"), (results.summary_markdown, "versus"),
+                           (trainable.Trial._end, "error"), (sweep_records.summary_markdown, "versus"),
                            (results.ranking_objectives, "objective"), (results.ranking_objectives, "mode")]:
         assert inspect.signature(function).parameters[name].default is empty, (function.__name__, name)
     # A phase's evaluate(full) is only ever called by the training loop, with `full` given.

@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
-from specreg_platform import burnin, connection, results, tracking
+from specreg_platform import burnin, connection, sweep_records, tracking
 from specreg_platform.errors import BadInput
 from specreg_platform.space import SweepSpec, load_space
 
@@ -71,15 +71,15 @@ def test_smoke_is_two_one_epoch_trials_with_a_tiny_attack():
     assert spec.base["train"]["epochs"] == 1 and spec.base["attack"]["max_queries"] <= 200
 
 
-def _record(metrics: dict) -> results.TrialRecord:
-    return results.TrialRecord("s", "id", "t", "FINISHED", "finished", {}, {}, metrics, 0, 1, "m")
+def _record(metrics: dict) -> sweep_records.TrialRecord:
+    return sweep_records.TrialRecord("s", "id", "t", "FINISHED", "finished", {}, {}, metrics, 0, 1, "m")
 
 
 def test_pareto_front_is_exactly_the_non_dominated_set():
     rng = np.random.default_rng(0)
     objectives = [{"metric": "a", "mode": "max"}, {"metric": "b", "mode": "min"}]
     records = [_record({"a": float(a), "b": float(b)}) for a, b in rng.integers(0, 6, size=(60, 2))]
-    front = results.pareto(records, objectives)
+    front = sweep_records.pareto(records, objectives)
     for r in records:
         dominated = any(o.metrics["a"] >= r.metrics["a"] and o.metrics["b"] <= r.metrics["b"]
                         and (o.metrics["a"], o.metrics["b"]) != (r.metrics["a"], r.metrics["b"]) for o in records)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 from specreg_platform.stats import mean_interval
 from specreg_platform.space import flatten
 
@@ -26,8 +26,8 @@ def _sweep(tmp_path, space: dict, store: str, *args) -> dict:
     result = cli("sweep", path, "--mlflow", store, "--storage", tmp_path / "runs", *args)
     assert result.exit_code == 0, result.output
     mlflow = MlflowClient(store)
-    sweep = results.find_sweep(mlflow, space["name"])
-    return {"mlflow": mlflow, "sweep": sweep, "trials": results.trials(mlflow, sweep), "tmp": tmp_path,
+    sweep = sweep_records.find_sweep(mlflow, space["name"])
+    return {"mlflow": mlflow, "sweep": sweep, "trials": sweep_records.trials(mlflow, sweep), "tmp": tmp_path,
             "output": result.output}
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 
 from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 
@@ -71,8 +71,8 @@ def test_a_config_that_fails_in_its_trial_is_not_retried_and_the_sweep_fails(tmp
     assert result.exit_code == 1, result.output
     assert "no trial finished" in result.output and "data.classes: [0, 12]" in result.output
     mlflow = MlflowClient(store)
-    sweep = results.find_sweep(mlflow, "bad")
-    (trial,) = results.trials(mlflow, sweep)
+    sweep = sweep_records.find_sweep(mlflow, "bad")
+    (trial,) = sweep_records.trials(mlflow, sweep)
     assert (trial.status, trial.outcome) == ("FAILED", "invalid")
     assert mlflow.get_run(sweep.parent_run_id).info.status == "FAILED"
     # Tune leaves error.txt in the folder of a trial that raised; this one ended without raising.

@@ -14,7 +14,7 @@ import yaml
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 from specreg_platform import figures
 
 from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
@@ -43,7 +43,7 @@ def tiny(tmp_path_factory, store):
                  "--max-concurrent", "2")
     assert result.exit_code == 0, result.output
     mlflow = MlflowClient(store)
-    return {"mlflow": mlflow, "sweep": results.find_sweep(mlflow, "rq"), "tmp": tmp, "store": store}
+    return {"mlflow": mlflow, "sweep": sweep_records.find_sweep(mlflow, "rq"), "tmp": tmp, "store": store}
 
 
 def _check_png(data: bytes) -> None:
@@ -120,7 +120,7 @@ def test_html_report_lists_every_trial_against_the_baseline_rounded_and_linked(t
     columns = [c["text"] for c in header["cells"]]
     assert columns[-2:] == ["Δ clean_acc (pp)", "Δ adv_acc_eps_0.5 (pp)"]
     mlflow = tiny["mlflow"]
-    trials = {r.trial_id: r for r in results.trials(mlflow, tiny["sweep"])}
+    trials = {r.trial_id: r for r in sweep_records.trials(mlflow, tiny["sweep"])}
     assert len(rows) == len(trials) == 6
     (base,) = [row for row in rows if row["class"] == "baseline"]
     base_trial = trials[base["cells"][0]["text"]]
@@ -167,7 +167,7 @@ def test_figures_use_a_colour_blind_safe_palette_and_readable_axes():
 
 def test_every_trial_logs_its_spectrum_and_distance_figures(tiny):
     mlflow = tiny["mlflow"]
-    for trial in results.trials(mlflow, tiny["sweep"]):
+    for trial in sweep_records.trials(mlflow, tiny["sweep"]):
         assert {"spectrum.png", "distances.png"} <= {a.path for a in mlflow.list_artifacts(trial.run_id)}
         with tempfile.TemporaryDirectory() as staging:
             _check_png(Path(mlflow.download_artifacts(trial.run_id, "spectrum.png", staging)).read_bytes())
@@ -214,15 +214,15 @@ def test_confirm_reruns_the_best_config_with_fresh_seeds_and_export_prefers_it(t
     mlflow, store, tmp = tiny["mlflow"], tiny["store"], tiny["tmp"]
     result = cli("confirm", "rq", "--top", "1", "--seeds", "2", "--mlflow", store, "--storage", tmp / "runs")
     assert result.exit_code == 0, result.output
-    parent = results.trials(mlflow, tiny["sweep"])
+    parent = sweep_records.trials(mlflow, tiny["sweep"])
     objectives = tiny["sweep"].objectives
-    front = [r for r in parent if not any(results.dominates(o, r, objectives) for o in parent)]
+    front = [r for r in parent if not any(sweep_records.dominates(o, r, objectives) for o in parent)]
     best = max(front, key=lambda r: r.metrics["clean_acc"])  # --top 1 of the Pareto set, by the first objective
-    child = results.find_sweep(mlflow, "rq-confirm")
-    (config,) = results.trials(mlflow, child)
+    child = sweep_records.find_sweep(mlflow, "rq-confirm")
+    (config,) = sweep_records.trials(mlflow, child)
     assert config.status == "FINISHED" and child.seeds == [1, 2]
     assert yaml.safe_load(mlflow.get_run(config.run_id).data.tags["specreg.confirms_run"]) == [best.run_id]
-    assert results.run_config(mlflow, config.run_id)["regularizer"] == results.run_config(mlflow, best.run_id)["regularizer"]
+    assert sweep_records.run_config(mlflow, config.run_id)["regularizer"] == sweep_records.run_config(mlflow, best.run_id)["regularizer"]
     seeds = mlflow.search_runs([child.experiment_id], f"tags.`mlflow.parentRunId` = '{config.run_id}'")
     assert sorted(int(s.data.params["train.seed"]) for s in seeds) == [1, 2]
 

@@ -12,7 +12,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from sklearn.datasets import load_digits
 
-from specreg_platform import results
+from specreg_platform import sweep_records
 
 from reliability_helpers import cli, ensure_ray, grid_space, write_yaml, store  # noqa: F401 (fixtures)
 
@@ -24,7 +24,7 @@ def _sweep(tmp_path, space: dict, store: str) -> dict:
     path = write_yaml(tmp_path / f"{space['name']}.yaml", space)
     result = cli("sweep", path, "--mlflow", store, "--storage", tmp_path / "runs", "--max-concurrent", "2")
     mlflow = MlflowClient(store)
-    sweep = results.find_sweep(mlflow, space["name"])
+    sweep = sweep_records.find_sweep(mlflow, space["name"])
     runs = mlflow.search_runs([sweep.experiment_id], "tags.`specreg.role` = 'trial'", max_results=100)
     ray_trials = tune.ExperimentAnalysis(str(tmp_path / "runs" / space["name"])).trials
     return {"result": result, "mlflow": mlflow, "sweep": sweep, "dir": tmp_path / "runs" / space["name"],
