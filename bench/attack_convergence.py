@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mlflow.tracking import MlflowClient
 
-    from specreg_platform import connection
+    from specreg_platform.track import connection
 
     client = MlflowClient(connection.resolve_uri(args.mlflow))
     config = yaml.safe_load(open(client.download_artifacts(args.run, "config.yaml")))

@@ -34,7 +34,7 @@ def run(mlflow: str, storage: str) -> None:
 
 def cell(data, record, metric: str) -> str:
     """mean ± half-width of the 95% t-interval over seeds (accuracies in %, distances as they are)."""
-    from specreg_platform.figures import is_accuracy
+    from specreg_platform.base.figures import is_accuracy
 
     mean, low, high = data.interval(record, metric)
     scale, digits = (100, 1) if is_accuracy(metric) else (1, 3)
@@ -44,7 +44,7 @@ def cell(data, record, metric: str) -> str:
 
 def table(mlflow, name: str) -> str:
     """One row per config of a seeded sweep: the seed means ± 95% t-interval half-widths."""
-    from specreg_platform.sweep_data import SweepData
+    from specreg_platform.present.sweep_data import SweepData
 
     data = SweepData(mlflow, name)
     labels = data.labels(data.records)
@@ -64,7 +64,7 @@ def main() -> None:
     if args.what == "run":
         run(args.mlflow, args.storage)
         return
-    from specreg_platform import connection
+    from specreg_platform.track import connection
 
     mlflow = connection.client(connection.resolve_uri(args.mlflow))
     for name in (CONFIRMED, PLACEMENT):

@@ -41,7 +41,7 @@ BURNIN_BASE = {
 def sweep(space: dict, work: Path, *args: str) -> tuple:
     """Run `specreg sweep` in a fresh store; return its wall seconds, the seconds before the first trial
     and after the last (Ray and MLflow start-up, summary), the trial records and the store's client."""
-    from specreg_platform import connection, sweep_records
+    from specreg_platform.track import connection, sweep_records
 
     path = work / f"{space['name']}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -79,7 +79,7 @@ def describe(space: dict) -> str:
 
 def overhead(work: Path) -> dict:
     import specreg
-    from specreg_platform import sweep_records
+    from specreg_platform.track import sweep_records
 
     space = overhead_space()
     sweep_seconds, fixed, trials, mlflow = sweep(space, work, "--max-concurrent", "1")

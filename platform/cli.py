@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BadInput
+from .base.errors import BadInput
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Spectral-regularization sweeps: Ray Tune trials, Optuna search, MLflow tracking.")
@@ -86,7 +86,7 @@ def sweep(
                                                         "(fractions pack trials on one GPU)."),
 ):
     """Run a sweep: one Ray Tune trial per config, searched by Optuna, tracked in MLflow."""
-    from .sweep import run_sweep
+    from .run.sweep import run_sweep
 
     code = run_sweep(space, samples=samples, name=name, mlflow_uri=mlflow, storage=storage,
                      max_concurrent=max_concurrent, resume=resume, smoke=smoke, address=address,
@@ -101,7 +101,7 @@ class Format(str, Enum):
 
 
 def _client(mlflow: Optional[str]):
-    from . import connection
+    from .track import connection
 
     uri = connection.resolve_uri(mlflow)
     connection.require_store(uri)
@@ -120,7 +120,7 @@ def runs(
 ):
     """List the trials of a sweep from MLflow: searched params, objectives and each trial's difference from
     the baseline (the kind none trial; ≈ within noise) as columns."""
-    from .results import runs_table
+    from .results.results import runs_table
 
     columns, rows = runs_table(_client(mlflow), name, sort, limit, compact=format is Format.table)
     if format is Format.json:
@@ -154,7 +154,7 @@ def export(
     mlflow: Optional[str] = _mlflow_option(),
 ):
     """Export a sweep's best config (trainable with `specreg train`), Pareto front, trials and summary."""
-    from .results import export as export_sweep
+    from .results.results import export as export_sweep
 
     _check_mode(mode)
     paths = export_sweep(_client(mlflow), name, out, objective, mode)
@@ -163,7 +163,7 @@ def export(
 
 
 def _load_config(path: Path, assignments: list[str]) -> dict:
-    from .space import read_yaml, set_dotted
+    from .space.space import read_yaml, set_dotted
 
     config = read_yaml(path)
     for assignment in assignments:
@@ -188,7 +188,7 @@ def train(
     storage: Path = _storage_option(),
 ):
     """Train one config outside Ray, tracked in MLflow like a sweep's trial, with a progress bar."""
-    from .single import train_one
+    from .run.single import train_one
 
     raise typer.Exit(train_one(_load_config(config, assignments), name or config.stem, mlflow, storage))
 
@@ -200,7 +200,7 @@ def sync(
     storage: Path = _storage_option(),
 ):
     """Send what a sweep's trials kept locally while the MLflow server was unreachable, then close the sweep."""
-    from .sweep import sync as sync_sweep
+    from .run.sweep import sync as sync_sweep
 
     raise typer.Exit(sync_sweep(name, storage, echo=typer.echo))
 
@@ -214,7 +214,7 @@ def ui(
     mlflow: Optional[str] = _mlflow_option(),
 ):
     """Start the MLflow UI for the store (Ctrl-C to stop)."""
-    from . import connection
+    from .track import connection
 
     uri = connection.resolve_uri(mlflow)
     connection.require_store(uri)
@@ -269,7 +269,7 @@ def report(
     mlflow: Optional[str] = _mlflow_option(),
 ):
     """Write a sweep's report (figures and tables) and log its figures to the sweep's MLflow run."""
-    from .report import write_report
+    from .present.report import write_report
 
     written = write_report(_client(mlflow), name, out or Path(f"report-{name}"), format.value, eps)
     typer.echo(f"{written['report']} ({len(written['figures'])} figures; also logged to the sweep's MLflow run)")
@@ -292,7 +292,7 @@ def confirm(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: local)."),
 ):
     """Re-run a sweep's best configs with fresh seeds as a child sweep; export then prefers their means."""
-    from .confirm import run_confirm
+    from .results.confirm import run_confirm
 
     _check_mode(mode)
     raise typer.Exit(run_confirm(name, top=top, seeds=seeds, per=per, objective=objective, mode=mode,

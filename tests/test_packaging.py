@@ -27,3 +27,14 @@ def test_library_imports_no_orchestration_packages():
     pattern = re.compile(r"^\s*(import|from)\s+(ray|mlflow|optuna)\b", re.M)
     offenders = [p.name for p in (ROOT / "specreg").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_every_platform_subpackage_is_in_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"specreg_platform." + p.parent.name for p in (ROOT / "platform").glob("*/__init__.py")}
+    assert folders and folders <= listed, f"subpackages missing from pyproject's packages: {sorted(folders - listed)}"
+    strays = [p.name for p in (ROOT / "platform").iterdir()
+              if p.is_dir() and p.name != "__pycache__" and not (p / "__init__.py").exists()]
+    assert not strays, f"folders of platform/ without an __init__.py: {strays}"

@@ -8,7 +8,7 @@ import torch
 
 import specreg
 from specreg import attacks, robustness
-from specreg_platform import burnin
+from specreg_platform.run import burnin
 from test_attacks import Counting, linear_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ from torch import nn
 
 from specreg import models, placement
 from specreg.config import penalty_start
-from specreg_platform.space import load_space
+from specreg_platform.space.space import load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import connection, sweep_records
+from specreg_platform.track import connection, sweep_records
 
 from platform_helpers import TINY_BASE, cli, tiny_space, write_yaml
 

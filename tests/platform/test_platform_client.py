@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import sweep_records
+from specreg_platform.track import sweep_records
 
 from platform_helpers import SPACES
 from shared_helpers import free_port

@@ -7,7 +7,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from specreg_platform import sweep_records
+from specreg_platform.track import sweep_records
 
 from platform_helpers import cli, tiny_space, write_yaml
 

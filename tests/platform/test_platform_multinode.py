@@ -7,7 +7,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from specreg_platform import sweep_records
+from specreg_platform.track import sweep_records
 
 from platform_helpers import cli, tiny_space, write_yaml
 from shared_helpers import free_port, wait_healthy

@@ -7,8 +7,12 @@ import typer
 import yaml
 
 import specreg
-from specreg_platform import cli, results, space, sweep, sweep_records
-from specreg_platform.errors import BadInput
+from specreg_platform import cli
+from specreg_platform.results import results
+from specreg_platform.run import sweep
+from specreg_platform.space import space
+from specreg_platform.track import sweep_records
+from specreg_platform.base.errors import BadInput
 
 from platform_helpers import TINY_BASE, tiny_space, write_yaml
 
@@ -91,7 +95,8 @@ def test_no_default_that_every_caller_overrides():
     import ast
     from pathlib import Path
 
-    from specreg_platform import connection, run_files, trainable
+    from specreg_platform.run import trainable
+    from specreg_platform.track import connection, run_files
 
     empty = inspect.Parameter.empty
     for function, name in [(connection.check_healthy, "timeout"), (run_files.result_files, "checkpoint_dir"),

@@ -6,8 +6,9 @@ import importlib
 import pytest
 
 import specreg
-from specreg_platform import figures, space
-from specreg_platform.errors import BadInput
+from specreg_platform.base import figures
+from specreg_platform.space import space
+from specreg_platform.base.errors import BadInput
 
 from platform_helpers import TINY_BASE, tiny_space, write_yaml
 
@@ -89,7 +90,7 @@ TRANSFER = {**copy.deepcopy(TINY_BASE), "task": "transfer", "regularizer": {"kin
 
 
 def test_asha_counts_epochs_across_phases(tmp_path):
-    from specreg_platform import sweep
+    from specreg_platform.run import sweep
 
     asha = {"scheduler": {"name": "asha", "grace_period": 5}}
     spec, base = _load(tmp_path, TRANSFER, "alpha_hat", **asha)  # 5 >= train.epochs (3), < 4 + 3
@@ -100,7 +101,7 @@ def test_asha_counts_epochs_across_phases(tmp_path):
 
 
 def test_progress_counts_epochs_across_phases_and_shows_each_phase():
-    from specreg_platform import single
+    from specreg_platform.run import single
 
     ssl = specreg.validate_config({**SSL, "probe": {"epochs": 5}})
     assert space.total_epochs(ssl) == ssl["train"]["epochs"] + 5 == 7
@@ -121,7 +122,7 @@ def test_the_burnin_key_is_the_one_computed_before_burnin_epochs_went(base, star
     import hashlib
     import json
 
-    from specreg_platform import burnin
+    from specreg_platform.run import burnin
 
     resolved = specreg.validate_config(base)
     config = copy.deepcopy(resolved)

@@ -7,9 +7,10 @@ import numpy as np
 import optuna
 import pytest
 
-from specreg_platform import burnin, connection, sweep_records, tracking
-from specreg_platform.errors import BadInput
-from specreg_platform.space import SweepSpec, load_space
+from specreg_platform.run import burnin
+from specreg_platform.track import connection, sweep_records, tracking
+from specreg_platform.base.errors import BadInput
+from specreg_platform.space.space import SweepSpec, load_space
 
 from platform_helpers import ROOT, SPACES, TINY_BASE, tiny_space, write_yaml
 
@@ -106,7 +107,7 @@ def test_cluster_yaml_passes_rays_own_schema(tmp_path):
     import yaml
     from ray.autoscaler._private import util  # the private API `ray up` uses; the wrapper depends on it
 
-    from specreg_platform.cluster import validate_cluster_config
+    from specreg_platform.run.cluster import validate_cluster_config
 
     assert callable(util.prepare_config) and callable(util.validate_config)
     prepared = validate_cluster_config(ROOT / "cluster.yaml")
@@ -160,8 +161,8 @@ def test_spec_survives_the_trip_to_a_trial_and_orders_conditions_first():
 
 
 def test_searcher_prunes_early_stopped_trials_and_records_a_trial_finished_after_resume():
-    from specreg_platform.sweep import make_searcher
-    from specreg_platform.trainable import FINAL
+    from specreg_platform.run.sweep import make_searcher
+    from specreg_platform.run.trainable import FINAL
 
     spec, _ = load_space(SPACES / "quickstart.yaml")
     searcher = make_searcher(spec)
@@ -193,8 +194,8 @@ def test_epoch_metrics_are_buffered_then_sent_with_their_steps(store):
 
 def test_searcher_enqueues_the_baseline_first_and_never_repeats_a_config():
     """Told the same values every time, TPE would propose the parameter-less `none` over and over."""
-    from specreg_platform.sweep import make_searcher
-    from specreg_platform.trainable import FINAL
+    from specreg_platform.run.sweep import make_searcher
+    from specreg_platform.run.trainable import FINAL
 
     spec, _ = load_space(SPACES / "quickstart.yaml")
     searcher = make_searcher(spec)

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from specreg_platform import sweep_records
-from specreg_platform.stats import mean_interval
-from specreg_platform.space import flatten
+from specreg_platform.track import sweep_records
+from specreg_platform.base.stats import mean_interval
+from specreg_platform.space.space import flatten
 
 from platform_helpers import SPACES, TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform import sweep_records
+from specreg_platform.track import sweep_records
 
 from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 

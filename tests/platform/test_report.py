@@ -14,8 +14,8 @@ import yaml
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
-from specreg_platform import sweep_records
-from specreg_platform import figures
+from specreg_platform.track import sweep_records
+from specreg_platform.base import figures
 
 from platform_helpers import TINY_BASE, cli, ensure_ray, tiny_space, write_yaml
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from specreg_platform.stats import (bootstrap_interval, holm, mean_interval, paired_differences,
-                                    paired_t_pvalue, spearman)
+from specreg_platform.base.stats import (bootstrap_interval, holm, mean_interval, paired_differences,
+                                         paired_t_pvalue, spearman)
 
 
 @pytest.mark.parametrize("values", [[0.81, 0.84, 0.8], [1.0, 3.0], list(np.linspace(-1, 2, 11))])

@@ -76,7 +76,7 @@ def _faulty(builder):
 def install() -> None:
     """Ray's worker_process_setup_hook (and called once in the test process)."""
     import specreg.models
-    from specreg_platform import trainable
+    from specreg_platform.run import trainable
 
     if not getattr(specreg.models.MODELS["mlp"], "specreg_faults", False):
         specreg.models.MODELS["mlp"] = _faulty(specreg.models.MODELS["mlp"])

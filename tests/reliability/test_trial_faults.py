@@ -12,7 +12,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from sklearn.datasets import load_digits
 
-from specreg_platform import sweep_records
+from specreg_platform.track import sweep_records
 
 from reliability_helpers import cli, ensure_ray, grid_space, write_yaml, store  # noqa: F401 (fixtures)
 

@@ -11,8 +11,8 @@ import numpy as np
 import yaml
 
 from . import connection
-from .errors import BadInput
-from .stats import bootstrap_interval
+from ..base.errors import BadInput
+from ..base.stats import bootstrap_interval
 
 SEARCH_KEYS = "specreg.search_keys"   # parent-run tags written by the sweep
 OBJECTIVES = "specreg.objectives"

@@ -28,7 +28,7 @@ def result_files(resolved: dict, result: dict, checkpoint_dir) -> dict[str, byte
         files["distances.npy"] = buffer.getvalue()
     if result.get("spectrum") is not None:
         files["spectrum.json"] = json.dumps(list(result["spectrum"])).encode()
-    from .figures import trial_figures  # matplotlib, loaded only where a run finishes
+    from ..base.figures import trial_figures  # matplotlib, loaded only where a run finishes
 
     files.update(trial_figures(result, (resolved.get("attack") or {}).get("eps", [])))
     return files

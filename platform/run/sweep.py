@@ -18,10 +18,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from . import connection, journal, sweep_records, tracking
-from .errors import BadInput
+from ..track import connection, journal, sweep_records, tracking
+from ..base.errors import BadInput
 from .monitor import SweepMonitor
-from .space import SweepSpec, check_name, load_space, total_epochs
+from ..space.space import SweepSpec, check_name, load_space, total_epochs
 from .trainable import CONTEXT, ERROR, FINAL, OUTCOME, run_trial
 
 CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --resume needs

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import connection, tracking
+from ..track import connection, tracking
 from .trainable import FINAL, OUTCOME
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import connection, figures, sweep_records  # connection first: it configures MLflow before importing it
-from .confirm import parent_space
-from .errors import BadInput
+from ..track import connection, sweep_records  # connection first: it configures MLflow before importing it
+from ..base import figures
+from ..results.confirm import parent_space
+from ..base.errors import BadInput
 from .render import Block, Link, fmt, fmt_difference, to_html, to_markdown, with_interval
-from .results import confirmations
-from .space import SweepSpec, encode, flatten
-from .stats import paired_differences, spearman
+from ..results.results import confirmations
+from ..space.space import SweepSpec, encode, flatten
+from ..base.stats import paired_differences, spearman
 from .sweep_data import SweepData, eps_key
 
 MAX_ALL_PAIRS = 6      # up to this many arms every pair is compared, beyond it every arm against the best

@@ -1,5 +1,5 @@
 """Validation of Ray cluster-launcher configs (`cluster.yaml`) against Ray's own schema."""
-from .space import read_yaml
+from ..space.space import read_yaml
 
 
 def validate_cluster_config(path) -> dict:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import connection, run_files, tracking
-from .space import check_name, total_epochs, validated
+from ..track import connection, run_files, tracking
+from ..space.space import check_name, total_epochs, validated
 
 
 SHOWN = {"train_loss": "loss", "test_acc": "test acc", "knn_acc": "kNN acc"}

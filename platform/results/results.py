@@ -5,11 +5,11 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from . import connection
-from .errors import BadInput
-from .sweep_records import (CONFIRMED_BY, CONFIRMS_RUN, Sweep, TrialRecord, all_sweeps, baseline, best, compared, differences,
-                      find_sweep, front_files, is_robust, pareto, rankable, summary_markdown, trial_record, trial_runs,
-                      trials, write_parquet)
+from ..track import connection
+from ..base.errors import BadInput
+from ..track.sweep_records import (CONFIRMED_BY, CONFIRMS_RUN, Sweep, TrialRecord, all_sweeps, baseline, best,
+                                   compared, differences, find_sweep, front_files, is_robust, pareto, rankable,
+                                   summary_markdown, trial_record, trial_runs, trials, write_parquet)
 
 
 def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: int | None = None,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import specreg
 
-from .connection import (ERROR, OUTCOME, ROLE, SWEEP, THREAT_MODEL, TRIAL_ID, Metric, MlflowClient, MlflowException,
-                         Param, RunTag, retry)
+from .connection import (ERROR, OUTCOME, ROLE, SWEEP, THREAT_MODEL, TRIAL_ID, Metric, MlflowClient,
+                         MlflowException, Param, RunTag, retry)
 from .journal import append, reachable
-from .space import flatten
-from .stats import mean_interval
+from ..space.space import flatten
+from ..base.stats import mean_interval
 
 ARRAY_KEYS = ("history", "distances", "spectrum")
 

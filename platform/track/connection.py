@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode  # noqa: E402
 
 
-from .errors import BadInput
+from ..base.errors import BadInput
 
 DEFAULT_DB = "mlruns.db"
 ARTIFACT_DIR = "mlartifacts"

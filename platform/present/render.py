@@ -6,7 +6,8 @@ import html
 import math
 from dataclasses import dataclass, field
 
-from . import figures, sweep_records
+from ..base import figures
+from ..track import sweep_records
 
 
 @dataclass

@@ -17,8 +17,9 @@ import ray
 import torch
 from ray import tune
 
-from . import burnin, connection, journal, run_files, tracking
-from .space import SweepSpec, set_dotted, total_epochs
+from . import burnin
+from ..track import connection, journal, run_files, tracking
+from ..space.space import SweepSpec, set_dotted, total_epochs
 
 CONTEXT = "_specreg"        # the param_space key holding the sweep's constants
 STATE = "platform.json"     # in every checkpoint: the seeds already done, epoch metrics not yet in MLflow

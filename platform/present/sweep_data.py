@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import connection, figures, sweep_records  # connection first: it configures MLflow before importing it
-from .errors import BadInput
+from ..track import connection, sweep_records  # connection first: it configures MLflow before importing it
+from ..base import figures
+from ..base.errors import BadInput
 from .render import fmt
-from .space import flatten
-from .stats import bootstrap_interval
+from ..space.space import flatten
+from ..base.stats import bootstrap_interval
 
 EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from specreg import Strict, format_validation_error
 
-from .errors import BadInput
+from ..base.errors import BadInput
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Sections whose builder options may be searched even where the base config leaves them at defaults.

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from . import connection, results, sweep_records, tracking
-from .errors import BadInput
-from .sweep_records import CONFIRMED_BY, CONFIRMS, CONFIRMS_RUN  # the links' tags, read back by sweep_records
-from .space import flatten
+from . import results
+from ..track import connection, sweep_records, tracking
+from ..base.errors import BadInput
+from ..track.sweep_records import CONFIRMED_BY, CONFIRMS, CONFIRMS_RUN  # the links' tags, read back by sweep_records
+from ..space.space import flatten
 
 
 def _canonical(value) -> str:
@@ -96,7 +97,7 @@ def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, obje
                 mode: str | None = None, mlflow_uri: str | None = None, storage="specreg-runs",
                 max_concurrent: int | None = None, address: str | None = None, echo=print) -> int:
     """Choose the configs, run the child sweep, link it to the parent; return the exit code."""
-    from .sweep import run_sweep  # Ray and Optuna (about 2 s): loaded only where a confirmation runs
+    from ..run.sweep import run_sweep  # Ray and Optuna (about 2 s): loaded only where a confirmation runs
 
     if top < 1 or seeds < 1:
         raise BadInput(f"--top and --seeds must be at least 1, got {top} and {seeds}")

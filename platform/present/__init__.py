@@ -1,0 +1,1 @@
+"""Presenting a sweep: the report's MLflow reading, sections and rendering."""

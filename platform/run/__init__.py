@@ -1,0 +1,1 @@
+"""Running: a sweep on Ray Tune (trials, shared burn-in, live monitor, cluster config) and a single tracked run."""
