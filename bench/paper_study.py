@@ -279,9 +279,9 @@ def robust_figure(records: list[dict], path: Path) -> None:
 def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
     from mlflow.tracking import MlflowClient
 
-    from specreg_platform import tracking
+    from specreg_platform.track import connection
 
-    client = MlflowClient(tracking.resolve_uri(mlflow))
+    client = MlflowClient(connection.resolve_uri(mlflow))
     rng = np.random.default_rng(0)
     records = networks(client, sweep)
     out.mkdir(parents=True, exist_ok=True)
