@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specreg_platform.base.stats import holm, mean_interval
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN, DOSE = "paper-fmnist-slp", "paper-fmnist-slp-dose"
 OUT = ROOT / "docs" / "figures" / MAIN
@@ -81,12 +83,8 @@ def robust_curve(distances: np.ndarray, grid=EPS_GRID) -> np.ndarray:
 
 def t_interval(values) -> tuple[float, float]:
     """Mean and the 95% t-interval's half-width over seeds (nan with one seed)."""
-    from scipy import stats
-
-    values = np.asarray(values, float)
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    mean, low, high = mean_interval(values)
+    return mean, (high - mean if len(values) > 1 else math.nan)
 
 
 def point_statistic(name: str):
@@ -119,16 +117,6 @@ def paired(base: list[dict], other: list[dict], name: str, rng) -> dict:
         result["p"] = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else math.nan
         result["mde"] = float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n))
     return result
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment (nan p-values are left out and stay nan)."""
-    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
-    adjusted, running = [math.nan] * len(pvalues), 0.0
-    for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p))
-        adjusted[i] = running
-    return adjusted
 
 
 # --- tables and figures ------------------------------------------------------------------------------------
@@ -189,9 +177,9 @@ def checkpoints(metrics: dict) -> list[int]:
                   k.endswith("/adv_dist_median_correct"))
 
 
-def at(metrics: dict, t: int | None, key: str) -> float:
-    """A metric after t iterations of the attack (None: the full run)."""
-    return metrics[key if t is None else f"iter{t}/{key}"]
+def at(record: dict, t: int, key: str) -> float:
+    """A network's metric after t iterations of its attack (the run's own metric when t is its full budget)."""
+    return record["metrics"][key if t == record["iterations"] else f"iter{t}/{key}"]
 
 
 def convergence_table(records: list[dict]) -> str:
@@ -205,10 +193,9 @@ def convergence_table(records: list[dict]) -> str:
             head = " / ".join(map(str, points))
             rows = [f"| seed | arm | queries ({head} it.) | median distance ({head} it.) | last doubling | "
                     f"robust ε=1 (%) ({head} it.) |", "|---|---|---|---|---|---|"]
-        keys = [None if t == its else t for t in points]
-        med = [at(m, t, "adv_dist_median_correct") for t in keys]
-        queries = [at(m, t, "attack_queries_mean") for t in keys]
-        acc = [at(m, t, "adv_acc_correct_eps_1.0") for t in keys]
+        med = [at(r, t, "adv_dist_median_correct") for t in points]
+        queries = [at(r, t, "attack_queries_mean") for t in points]
+        acc = [at(r, t, "adv_acc_correct_eps_1.0") for t in points]
         half = points.index(its // 2) if its // 2 in points else None
         change = "" if half is None else f"{100 * (med[-1] / med[half] - 1):+.2f}%"
         rows.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
@@ -225,8 +212,7 @@ def authors_budget_table(records: list[dict], t: int = 40) -> str:
         group = [r for r in records if r["arm"] == name and (r["iterations"] == t or t in checkpoints(r["metrics"]))]
         if not group:
             continue
-        cell = lambda key, tt, scale=1.0: fmt(*t_interval(  # noqa: E731
-            [at(r["metrics"], None if tt == r["iterations"] else tt, key) for r in group]), scale)
+        cell = lambda key, tt, scale=1.0: fmt(*t_interval([at(r, tt, key) for r in group]), scale)  # noqa: E731
         rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | "
                     f"{cell('adv_dist_median_correct', t)} | {cell('adv_dist_median_correct', group[0]['iterations'])} | "
                     f"{cell('adv_acc_correct_eps_1.0', t, 100)} | "
