@@ -88,9 +88,7 @@ def child_name(mlflow, name: str, storage: Path) -> str:
 
 def parent_space(mlflow, sweep: sweep_records.Sweep) -> dict:
     """The search space the sweep ran (its parent run's `space.yaml`)."""
-    with tempfile.TemporaryDirectory() as staging:
-        path = connection.retry(mlflow.download_artifacts, sweep.parent_run_id, "space.yaml", staging)
-        return yaml.safe_load(Path(path).read_text())
+    return sweep_records.yaml_artifact(mlflow, sweep.parent_run_id, "space.yaml")
 
 
 def run_confirm(name: str, *, top: int, seeds: int, per: str | None = None, objective: str | None = None,

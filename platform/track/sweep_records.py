@@ -147,11 +147,16 @@ def pareto(records: list[TrialRecord], objectives: list[dict]) -> list[TrialReco
     return [r for r in records if not any(dominates(o, r, objectives) for o in records if o is not r)]
 
 
+def yaml_artifact(mlflow, run_id: str, name: str):
+    """A run's YAML artifact `name`, parsed."""
+    with tempfile.TemporaryDirectory() as staging:
+        path = connection.retry(mlflow.download_artifacts, run_id, name, staging)
+        return yaml.safe_load(Path(path).read_text())
+
+
 def run_config(mlflow, run_id: str) -> dict:
     """The resolved config a trial ran (its `config.yaml` artifact)."""
-    with tempfile.TemporaryDirectory() as staging:
-        path = connection.retry(mlflow.download_artifacts, run_id, "config.yaml", staging)
-        return yaml.safe_load(Path(path).read_text())
+    return yaml_artifact(mlflow, run_id, "config.yaml")
 
 
 def portable(value, out_dir: Path):
