@@ -94,6 +94,7 @@ def overhead(work: Path) -> dict:
     trial_seconds = sum(t.duration_s for t in trials)
     return {"sweep_s": sweep_seconds, "fixed_s": fixed, "baseline_s": baseline, "trial_s": trial_seconds,
             "min_run_s": min(durations), "mean_run_s": baseline / len(durations), "trials": len(trials),
+            "described": describe(space),
             "overhead": sweep_seconds / baseline - 1, "per_trial_overhead": (sweep_seconds - fixed) / baseline - 1,
             "in_trial_overhead": trial_seconds / baseline - 1}
 
@@ -178,7 +179,7 @@ def overhead_section(over: dict) -> str:
 
 {measured_on(over['loads'])}
 
-{over['trials']} trials of the quickstart's search, made longer ({describe(overhead_space())};
+{over['trials']} trials of the quickstart's search, made longer ({over['described']};
 shared burn-in off) through `specreg sweep --max-concurrent 1`, against the same resolved configs run back
 to back in one process with `specreg.run_experiment`; one torch thread on both sides.
 
