@@ -7,10 +7,9 @@ This top level is the library's one door: the platform (`specreg_platform`) impo
 `__all__`, never a submodule.
 """
 from .attacks import ATTACKS, attack_options
-from .attacks import DEFAULTS as ATTACK_DEFAULTS
 from .attacks import validate as validate_attack
-from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, Strict, format_validation_error,
-                     penalty_start, phase_epochs, reported_metrics, validate_config)
+from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelSpec, Strict, did_you_mean,
+                     format_validation_error, penalty_start, phase_epochs, reported_metrics, validate_config)
 from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
@@ -23,11 +22,11 @@ __all__ = [
     "run_experiment", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE", "resolve_device",
     # the experiment schema and the facts read from a resolved config
     "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
-    "Strict", "format_validation_error",
+    "Strict", "format_validation_error", "did_you_mean",
     "phase_epochs", "penalty_start", "reported_metrics",
     # the registries and the options each entry reads
     "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",
-    "check_available", "DatasetNotFound", "ATTACKS", "ATTACK_DEFAULTS", "attack_options", "validate_attack",
+    "check_available", "DatasetNotFound", "ATTACKS", "attack_options", "validate_attack",
     # the names of reported metrics
     "eps_name",
 ]

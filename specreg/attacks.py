@@ -28,17 +28,12 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-# The attack registry: name -> what it does. Every attack reads the options in DEFAULTS (attack_options);
-# config.ATTACK_NAMES is read from here.
-ATTACKS = {
-    "tangent": "Tangent Attack (Ma et al., NeurIPS 2021): a step to the optimal tangent point of a hemisphere",
-    "hsja": "HopSkipJumpAttack (Chen, Jordan & Wainwright 2020), L2 untargeted, geometric step size",
-    "boundary-search": "the starting point, binary-searched toward the input (a cheap baseline)",
-}
+# The options every attack reads (an entry of the registry, ATTACKS at the end of this file, may add its own).
 DEFAULTS = {
     "start_pool": None,       # (M, *input_shape) candidate starting points, e.g. test images
     "noise_starts": 4,        # uniform-noise images tried per sample
@@ -91,11 +86,24 @@ class AttackResult:
     trace: dict = field(default_factory=dict)  # iteration -> (distances, queries) after it, per `trace`
 
 
+@dataclass(frozen=True)
+class Attack:
+    """A registry entry. The attacks share HopSkipJump's loop (start, normal estimate, step, binary search);
+    an entry says how its step proposes a point and which step sizes it tries."""
+    description: str
+    # step(cur, u, origin) -> propose(rows, size): the candidates at step `size` from the boundary points
+    # `cur` (normals u) of the inputs `origin`; None: no iterations (the start, binary-searched, is the result)
+    step: Optional[Callable] = None
+    scales: Callable[[dict], list] = lambda opts: [0.5 ** k for k in range(int(opts["max_shrinks"]) + 1)]
+    refine: int = 0  # bisections between the accepted step size and the failed one before it
+    options: dict = field(default_factory=dict)  # options this attack reads besides DEFAULTS, with defaults
+
+
 def attack_options(name: str) -> tuple:
-    """The options attack `name` reads beyond the budget (the same for every registered attack)."""
+    """The options attack `name` reads beyond the budget."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
-    return tuple(DEFAULTS)
+    return (*DEFAULTS, *ATTACKS[name].options)
 
 
 def validate(name, max_queries, options) -> dict:
@@ -109,10 +117,11 @@ def validate(name, max_queries, options) -> dict:
     elif isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Real) \
             or not float(max_queries).is_integer() or max_queries < 1:
         raise ValueError(f"max_queries must be a positive integer (queries per sample), got {max_queries!r}")
-    unknown = sorted(set(options) - set(DEFAULTS))
+    valid = attack_options(name)
+    unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown attack options {unknown}; valid options: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+        raise ValueError(f"unknown attack options {unknown}; valid options: {', '.join(valid)}")
+    opts = {**DEFAULTS, **ATTACKS[name].options, **options}
     for key in ("init_evals", "max_evals", "batch_size", "iterations"):
         if opts[key] is not None and int(opts[key]) < 1:
             raise ValueError(f"attack option {key} must be >= 1, got {opts[key]!r}")
@@ -238,10 +247,10 @@ def _attack(model, x, y, name, max_queries, seed, opts):
     dist = _record(adv, best, idx, cur, x0)
 
     bar = _progress_bar(opts["progress"], n, min(max_queries, 20_000))
-    scales = _step_scales(name, int(opts["max_shrinks"]))
-    refine = TANGENT_REFINE if name == "tangent" else 0
+    entry = ATTACKS[name]
+    scales = entry.scales(opts)
     trace = {}
-    if name != "boundary-search":
+    if entry.step is not None:
         for t in range(1, (opts["iterations"] or sys.maxsize - 1) + 1):
             evals = min(int(opts["init_evals"] * math.sqrt(t)), int(opts["max_evals"]))
             evals = (oracle.room(idx) - steps - 1).clamp(max=evals)  # leave room for the step and search
@@ -254,15 +263,8 @@ def _attack(model, x, y, name, max_queries, seed, opts):
             delta = torch.full_like(dist, 0.1) if t == 1 else (post * opts["gamma"] / d).clamp(min=1e-10)
             u = _estimate_normal(oracle, cur, idx, delta, evals, gen)
             origin = x0[idx]
-            if name == "hsja":
-                def propose(rows, size):
-                    return cur[rows] + size[:, None] * u[rows]
-            else:
-                frame = _tangent_frame(origin, cur, u)
-
-                def propose(rows, size):
-                    return _tangent_point(cur[rows], u[rows], [part[rows] for part in frame], size)
-            cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales, refine)
+            propose = entry.step(cur, u, origin)
+            cand, ok = _geometric_search(oracle, idx, propose, dist / math.sqrt(t), scales, entry.refine)
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
             cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
             dist = _record(adv, best, idx, cur, x0)
@@ -459,17 +461,6 @@ def _estimate_normal(oracle, xb, idx, delta, evals, gen):
     return grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def _step_scales(name, shrinks):
-    """Step sizes tried, relative to dist/sqrt(t). HopSkipJump halves. The tangent point exists only for
-    radii below dist (at dist it is the input itself) and fails above a threshold set by how well the
-    normal is known, so halving would waste most of the useful range: the tangent attack shrinks by 0.9,
-    squaring the factor after each failure (1, .9, .73, .48, .21, .04, ...). Measured on a Fashion-MNIST
-    MLP (2400 queries) this takes its median distance from 1.333 to 1.297; HopSkipJump's is 1.243."""
-    if name == "hsja":
-        return [0.5 ** k for k in range(shrinks + 1)]
-    return [0.9 ** (2 ** k - 1) for k in range(shrinks + 1)]
-
-
 def _geometric_search(oracle, idx, propose, size, scales, refine=0):
     """Try each sample's step size times each of `scales` in turn until propose(rows, size) is
     adversarial, then bisect `refine` times between the accepted scale and the failed one before it
@@ -534,3 +525,32 @@ def _tangent_point(xb, u, frame, radius):
     sin_g = sin_b * cos_a - cos_b * sin_a
     cos_g = cos_b * cos_a + sin_b * sin_a
     return torch.addcmul(xb, (radius * cos_g)[:, None], flat).addcmul_((radius * sin_g)[:, None], u)
+
+
+def _hsja_step(cur, u, origin):
+    """HopSkipJump: along the estimated normal from the boundary point."""
+    return lambda rows, size: cur[rows] + size[:, None] * u[rows]
+
+
+def _tangent_step(cur, u, origin):
+    """Tangent Attack: the tangent point, seen from the input, of the hemisphere of radius `size`."""
+    frame = _tangent_frame(origin, cur, u)
+    return lambda rows, size: _tangent_point(cur[rows], u[rows], [part[rows] for part in frame], size)
+
+
+def _tangent_scales(opts):
+    """The tangent point exists only for radii below dist (at dist it is the input itself) and fails above
+    a threshold set by how well the normal is known, so halving would waste most of the useful range: shrink
+    by 0.9, squaring the factor after each failure (1, .9, .73, .48, .21, .04, ...). Measured on a
+    Fashion-MNIST MLP (2400 queries) this takes its median distance from 1.333 to 1.297; HopSkipJump's is 1.243."""
+    return [0.9 ** (2 ** k - 1) for k in range(int(opts["max_shrinks"]) + 1)]
+
+
+# The attack registry (config.ATTACK_NAMES is read from here). HopSkipJump halves its step (the default scales).
+ATTACKS = {
+    "tangent": Attack("Tangent Attack (Ma et al., NeurIPS 2021): a step to the optimal tangent point of a "
+                      "hemisphere", step=_tangent_step, scales=_tangent_scales, refine=TANGENT_REFINE),
+    "hsja": Attack("HopSkipJumpAttack (Chen, Jordan & Wainwright 2020), L2 untargeted, geometric step size",
+                   step=_hsja_step),
+    "boundary-search": Attack("the starting point, binary-searched toward the input (a cheap baseline)"),
+}

@@ -2,7 +2,7 @@
 import difflib
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import attacks, models, regularizers
 from . import data as data_mod
@@ -59,8 +59,14 @@ class DataSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")  # builder options are checked by specreg.models
+    # A builder's options pass through to specreg.models; which it takes is its registry entry's (signature).
+    model_config = ConfigDict(extra="allow")
     name: Literal[MODEL_NAMES]
+
+    @model_validator(mode="after")
+    def _known_options(self):
+        _refuse_unknown(self, models.model_options(self.name), f"model {self.name!r}")
+        return self
 
 
 class TrainSpec(Strict):
@@ -92,34 +98,10 @@ class TrainSpec(Strict):
         return value
 
 
-class RegularizerSpec(Strict):
-    kind: Literal[REGULARIZER_KINDS] = "none"
-    strength: float = Field(0.0, ge=0)
-    placement: Optional[str] = None  # default per kind: `feature`; all-layer-spectral always uses `all`
-    every: int = Field(1, ge=1)
-    # Unregularized epochs first: a fraction (< 1) of the regularized stage's epochs, or a whole number of
-    # epochs (>= 1); 0.9 of 400 and 360 both start the penalty after epoch 360.
-    burnin: Union[int, float] = Field(0.0, ge=0)
-    n_power_iterations: int = Field(1, ge=1)
-    target_exponent: float = Field(1.0, gt=0)
-    tau: int = Field(10, ge=0)  # spectral-decay: 0-based rank of the anchor eigenvalue (Nassar et al.'s eig_start)
-    conv_mode: Literal["exact", "reshape"] = "exact"
-    stage: Optional[Literal["source", "target", "both"]] = None  # transfer only (default: source)
-    activation_term: bool = False  # rep-spectral on MLPs: add the bound's activation-derivative term
-    projections: int = Field(1, ge=1)  # jacobian: random projections per step
-    refresh_samples: int = Field(2048, ge=2)  # spectral-decay: sample size for the per-epoch eigenbasis
-
-    @field_validator("placement")
-    @classmethod
-    def _placement(cls, value):
-        return None if value is None else placement_mod.check_syntax(value)
-
-    @field_validator("burnin")
-    @classmethod
-    def _burnin(cls, value):
-        if value >= 1 and not float(value).is_integer():
-            raise ValueError(f"must be a fraction below 1 or a whole number of epochs, got {value!r}")
-        return int(value) if value >= 1 else float(value)
+# regularizer.*: `kind` and the options the registry's classes declare (regularizers.option_fields), so a
+# new regularizer's options are declared in its own class.
+RegularizerSpec = create_model("RegularizerSpec", __base__=Strict, kind=(Literal[REGULARIZER_KINDS], "none"),
+                               **regularizers.option_fields())
 
 
 class AttackSpec(BaseModel):
@@ -217,10 +199,7 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _default_placement(self):
         reg = self.regularizer
-        if reg.kind == "all-layer-spectral":
-            reg.placement = "all"
-        elif reg.placement is None:
-            reg.placement = "feature"
+        reg.placement = regularizers.REGULARIZERS[reg.kind].FIXED_PLACEMENT or reg.placement or "feature"
         return self
 
     @model_validator(mode="after")
@@ -250,31 +229,48 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _regularizer_per_task(self):
         reg = self.regularizer
+        entry = regularizers.REGULARIZERS[reg.kind]
         if self.task != "transfer":
             if reg.stage is not None:
                 raise ValueError(f"regularizer.stage: only for task 'transfer' (got {reg.stage!r})")
-            if self.task == "ssl" and reg.kind == "all-layer-spectral":
-                raise ValueError("regularizer.kind: all-layer-spectral regularizes the readout, which "
-                                 "task 'ssl' does not train; use rep-spectral")
+            if self.task == "ssl" and entry.PENALIZES_READOUT:
+                raise ValueError(f"regularizer.kind: {reg.kind} regularizes the readout, which task 'ssl' does "
+                                 "not train; use rep-spectral")
             return self
         reg.stage = reg.stage or "source"
-        if reg.kind == "spectral-norm":
-            raise ValueError("regularizer.kind: spectral-norm reparametrizes layers for the rest of the run "
-                             "and cannot be confined to one stage of task 'transfer'")
+        if not entry.STAGEABLE:
+            raise ValueError(f"regularizer.kind: {reg.kind} stays in the model for the rest of the run and "
+                             "cannot be confined to one stage of task 'transfer'")
         if reg.stage != "source" and self.transfer.mode == "probe":
             raise ValueError(f"regularizer.stage: {reg.stage!r} regularizes the target phase, but "
                              "transfer.mode 'probe' freezes the encoder there; use source")
         return self
 
 
-def format_validation_error(error: ValidationError, root: str = "config", separator: str = "; ") -> str:
-    """One line per fault of a pydantic error: the dotted key (`root` for the whole document), the message
-    and the offending value (the platform formats a search-space file's errors with it too)."""
+def _keys_at(schema: type[BaseModel], loc) -> list[str]:
+    """The keys the schema declares at `loc` (a pydantic error's location), or [] where it is no model."""
+    model = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(error: ValidationError, schema: type[BaseModel], root: str = "config",
+                            separator: str = "; ") -> str:
+    """One line per fault of a pydantic error from validating `schema`: the dotted key (`root` for the whole
+    document), the message and the offending value, and for an unknown key the close declared one (the
+    platform formats a search-space file's errors with it too)."""
     lines = []
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"]) or root
         if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            lines.append(f"{key}: unknown key{did_you_mean(e['loc'][-1], _keys_at(schema, e['loc'][:-1]))}")
             continue
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
@@ -293,7 +289,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     try:
         resolved = ExperimentConfig.model_validate(config)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, ExperimentConfig)) from None
     out = resolved.model_dump()
     for section in ("ssl", "probe", "source", "transfer"):  # absent, not null, where the task does not use them
         if out[section] is None:

@@ -91,6 +91,13 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def _needs_input(name: str, input_shape, ranks) -> None:
+    """A builder's check that its input has a rank it can take (1: flat, 3: C×H×W)."""
+    if len(input_shape) not in ranks:
+        wanted = " or ".join({1: "a flat", 3: "a C×H×W image"}[r] for r in ranks)
+        raise ValueError(f"model.name: {name} needs {wanted} input, got {tuple(input_shape)}")
+
+
 def _readout_factor(readout_scale, width: int) -> float:
     if readout_scale == "1/sqrt(width)":
         return width ** -0.5
@@ -106,6 +113,7 @@ def mlp(input_shape, num_classes, widths=(256,), activation="relu", normalize="d
     init_std: draw every weight and bias from N(0, init_std²) instead of PyTorch's default init.
     readout_scale: multiply the logits by this (`1/sqrt(width)`: by the last hidden width's inverse root).
     Yang et al.'s SLP is `init_std: 0.01, readout_scale: 1/sqrt(width), normalize: none`."""
+    _needs_input("mlp", input_shape, (1, 3))
     layers = [Normalize(input_shape[0], normalize), nn.Flatten()]
     fan_in = math.prod(input_shape)
     for width in widths:
@@ -136,6 +144,7 @@ def slp(input_shape, num_classes, width=2000, activation="gelu", normalize="data
 def cnn(input_shape, num_classes, channels=(32, 64, 64), activation="relu", padding_mode="zeros",
         normalize="dataset"):
     """A small conv net: 3×3 convs (stride 2 after the first), global average pooling."""
+    _needs_input("cnn", input_shape, (3,))
     layers = [Normalize(input_shape[0], normalize)]
     c_in = input_shape[0]
     for i, c_out in enumerate(channels):
@@ -192,6 +201,7 @@ class ResNetFeatures(nn.Module):
 
 def resnet18(input_shape, num_classes, width=64, padding_mode="zeros", normalize="dataset"):
     """ResNet-18 with the CIFAR stem; `padding_mode: circular` makes the FFT conv norm exact."""
+    _needs_input("resnet18", input_shape, (3,))
     features = ResNetFeatures(input_shape[0], width=width, padding_mode=padding_mode, normalize=normalize)
     return Classifier(features, nn.Linear(features.out_features, num_classes), input_shape)
 
@@ -210,12 +220,4 @@ def build(spec: dict, input_shape, num_classes: int) -> Classifier:
     name = options.pop("name")
     if name not in MODELS:
         raise ValueError(f"model.name: unknown {name!r}; choose from {sorted(MODELS)}")
-    if name in ("slp", "mlp", "cnn") and len(input_shape) not in (1, 3):
-        raise ValueError(f"model.name: {name} needs a flat or C×H×W input, got {input_shape}")
-    if name in ("cnn", "resnet18") and len(input_shape) != 3:
-        raise ValueError(f"model.name: {name} needs image inputs (C, H, W), got {tuple(input_shape)}")
-    if "widths" in options:
-        options["widths"] = tuple(options["widths"])
-    if "channels" in options:
-        options["channels"] = tuple(options["channels"])
     return MODELS[name](tuple(input_shape), num_classes, **options)

@@ -1,4 +1,6 @@
-"""The regularizer family. Add one by subclassing `Regularizer` and registering it in `REGULARIZERS`.
+"""The regularizer family. Add one by subclassing `Regularizer` and registering it in `REGULARIZERS`: the
+class declares the options it adds (`FIELDS`), those it reads (`OPTIONS`) and its facts, and the config
+schema is assembled from the registry (docs/architecture.md, "Adding an entry", has a worked example).
 
 A regularizer is an `nn.Module` so its state (warm power-iteration vectors, eigenbases) follows the
 model to its device and into checkpoints. The training loop calls, in order: `attach(model)` once,
@@ -6,19 +8,48 @@ model to its device and into checkpoints. The training loop calls, in order: `at
 regularized step `arm()` right before the model's forward pass on the batch and `penalty(model, batch)`
 right after it.
 """
+from typing import Annotated, Literal, Optional, Union
+
 import torch
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from . import spectral
-from .placement import resolve, weight_layers
+from .placement import check_syntax, resolve, weight_layers
+
+
+def _whole_or_fraction(value):
+    if value >= 1 and not float(value).is_integer():
+        raise ValueError(f"must be a fraction below 1 or a whole number of epochs, got {value!r}")
+    return int(value) if value >= 1 else float(value)
 
 
 class Regularizer(nn.Module):
     """No penalty. Also the base class: it logs σ_max of the layers it is placed on."""
 
-    # The config options (regularizer.*) this kind and the training loop read besides `kind`; a tracked run
-    # logs only these (stage too, in task transfer).
+    # The regularizer.* options a class adds to the config schema: name -> (type, default or pydantic Field).
+    # The schema is the union over the registry's classes (a name is declared by one class only), so a kind
+    # may carry another kind's option in a shared base config (a sweep varies `kind`) and a typo is refused.
+    # These are the training loop's and every kind's.
+    FIELDS = {
+        "strength": (float, Field(0.0, ge=0)),
+        # Default `feature` (FIXED_PLACEMENT overrides it).
+        "placement": (Optional[Annotated[str, AfterValidator(check_syntax)]], None),
+        "every": (int, Field(1, ge=1)),
+        # Unregularized epochs first: a fraction (< 1) of the regularized stage's epochs, or a whole number of
+        # epochs (>= 1); 0.9 of 400 and 360 both start the penalty after epoch 360.
+        "burnin": (Annotated[Union[int, float], Field(ge=0), AfterValidator(_whole_or_fraction)], 0.0),
+        "conv_mode": (Literal["exact", "reshape"], "exact"),  # how σ of a conv layer is computed
+        "stage": (Optional[Literal["source", "target", "both"]], None),  # task transfer only (default: source)
+    }
+    # The options (regularizer.*) this kind and the training loop read besides `kind`; a tracked run logs
+    # only these (stage too, in task transfer).
     OPTIONS: tuple[str, ...] = ()
+    # Facts the config checks: a placement the kind always uses; whether it penalizes the readout (task
+    # ssl trains none); whether it can be confined to one stage of task transfer.
+    FIXED_PLACEMENT: Optional[str] = None
+    PENALIZES_READOUT = False
+    STAGEABLE = True
 
     def __init__(self, spec: dict):
         super().__init__()
@@ -72,6 +103,10 @@ class Regularizer(nn.Module):
 class RepSpectral(Regularizer):
     """λ · Σ σ_max(W_l)² over the placed layers (default: every weight layer up to the features)."""
 
+    FIELDS = {
+        "n_power_iterations": (int, Field(1, ge=1)),
+        "activation_term": (bool, False),  # on MLPs: add the bound's activation-derivative term
+    }
     OPTIONS = ("strength", "placement", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term")
 
     def attach(self, model):
@@ -121,6 +156,8 @@ class AllLayerSpectral(RepSpectral):
     """The end-to-end baseline (Yoshida & Miyato 2017): every weight layer, readout included."""
 
     OPTIONS = ("strength", "every", "burnin", "n_power_iterations", "conv_mode", "activation_term")
+    FIXED_PLACEMENT = "all"
+    PENALIZES_READOUT = True
 
     def __init__(self, spec):
         super().__init__({**spec, "placement": "all"})
@@ -135,6 +172,11 @@ class SpectralDecay(Regularizer):
     in `penalty`); `tau` is their `start` (`eig_start`), a 0-based index.
     """
 
+    FIELDS = {
+        "target_exponent": (float, Field(1.0, gt=0)),
+        "tau": (int, Field(10, ge=0)),  # 0-based rank of the anchor eigenvalue (Nassar et al.'s eig_start)
+        "refresh_samples": (int, Field(2048, ge=2)),  # sample size for the per-epoch eigenbasis
+    }
     OPTIONS = ("strength", "placement", "every", "burnin", "target_exponent", "tau", "refresh_samples")
 
     def attach(self, model):
@@ -213,6 +255,7 @@ class SpectralNormConstraint(Regularizer):
     """The hard-constraint baseline: torch's spectral-norm parametrization on the placed layers."""
 
     OPTIONS = ("placement", "burnin")
+    STAGEABLE = False  # the parametrization stays for the rest of the run
 
     def activate(self, model):
         modules = dict(model.named_modules())
@@ -225,6 +268,7 @@ class SpectralNormConstraint(Regularizer):
 class Jacobian(Regularizer):
     """Random-projection estimate of ‖∂features/∂x‖_F² (Hoffman et al. 2019), the input-gradient baseline."""
 
+    FIELDS = {"projections": (int, Field(1, ge=1))}  # random projections per step
     OPTIONS = ("strength", "every", "burnin", "projections")
 
     def attach(self, model):
@@ -262,6 +306,20 @@ REGULARIZERS = {
 def regularizer_options(kind: str) -> tuple[str, ...]:
     """The regularizer.* options that kind `kind` reads besides `kind` (its class's OPTIONS)."""
     return REGULARIZERS[kind].OPTIONS
+
+
+def option_fields() -> dict:
+    """The regularizer.* fields of the config schema besides `kind`: every registered class's `FIELDS`
+    and its bases', each name declared by one class only."""
+    fields, owner = {}, {}
+    for cls in REGULARIZERS.values():
+        for base in reversed(cls.__mro__):
+            for name, field in vars(base).get("FIELDS", {}).items():
+                if owner.setdefault(name, base) is not base:
+                    raise TypeError(f"regularizer option {name!r} is declared by both {owner[name].__name__} "
+                                    f"and {base.__name__}")
+                fields[name] = field
+    return fields
 
 
 def build(spec: dict) -> Regularizer:

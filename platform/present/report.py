@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import specreg
 
 from ..track import connection, sweep_records  # connection first: it configures MLflow before importing it
 from ..base import figures
@@ -169,10 +170,10 @@ def settings_figure(data: SweepData) -> list[Block]:
     if varies(placements):
         panels.append({"title": "placement", "xlabel": "layers regularized", "log": False, "categorical": True,
                        "points": placements, "baseline": base_values})
-    decay = [r for r in regularized if data.kind(r) == "spectral-decay"]
-    exponents = points("regularizer.target_exponent", float, decay)
+    shaped = [r for r in regularized if "target_exponent" in specreg.regularizer_options(data.kind(r))]
+    exponents = points("regularizer.target_exponent", float, shaped)
     if varies(exponents):
-        panels.append({"title": "target exponent (spectral-decay)", "xlabel": "target spectral exponent α",
+        panels.append({"title": "target exponent", "xlabel": "target spectral exponent α",
                        "log": False, "categorical": False, "points": exponents, "baseline": base_values})
     if not panels:
         return [Block("text", "Strength, placement and target exponent did not vary: no settings figure.")]

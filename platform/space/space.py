@@ -6,7 +6,6 @@ run settings. `load_space` checks all of it (every key against the library's sch
 started, and raises `BadInput` naming the key, the value and the closest valid key.
 """
 import copy
-import difflib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from specreg import Strict, format_validation_error
+from specreg import Strict, did_you_mean, format_validation_error
 
 from ..base.errors import BadInput
 
@@ -339,12 +338,6 @@ def is_reported(metric: str, resolved_base: dict) -> bool:
     return metric in reported_metrics(resolved_base) or metric.startswith("sigma/")
 
 
-def did_you_mean(word, choices) -> str:
-    """` (did you mean 'x'?)` where one of choices is close to word (difflib), else ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _unknown(key: str, value, what: str, allowed) -> BadInput:
     return BadInput(f"{key} = {value!r}: unknown {what}{did_you_mean(key.split('.')[-1], allowed)}; "
                     f"allowed: {', '.join(sorted(map(str, allowed)))}")
@@ -399,9 +392,10 @@ def check_options(key: str, schema, block: dict) -> None:
     elif schema is specreg.ModelSpec and name in specreg.MODELS:
         allowed = {"name", *specreg.model_options(name)}
         what = f"option of model {name!r}"  # the builder's parameters after (input_shape, num_classes)
-    elif schema is specreg.AttackSpec:
-        allowed = {*schema.model_fields, *specreg.ATTACK_DEFAULTS}
-        what = "attack option"
+    elif schema is specreg.AttackSpec and block.get("name", schema.model_fields["name"].default) in specreg.ATTACKS:
+        name = block.get("name", schema.model_fields["name"].default)
+        allowed = {*schema.model_fields, *specreg.attack_options(name)}
+        what = f"option of attack {name!r}"
     else:
         return
     unknown = sorted(block.keys() - allowed)
@@ -519,7 +513,7 @@ def load_space(path, samples: Optional[int] = None, smoke: bool = False) -> tupl
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
-        message = format_validation_error(error, "file", separator="\n")
+        message = format_validation_error(error, SweepSpec, "file", separator="\n")
         raise BadInput(f"{path}:\n{message}") from None
     if smoke:
         spec = spec.smoke()
