@@ -541,8 +541,8 @@ def _tangent_step(cur, u, origin):
 def _tangent_scales(opts):
     """The tangent point exists only for radii below dist (at dist it is the input itself) and fails above
     a threshold set by how well the normal is known, so halving would waste most of the useful range: shrink
-    by 0.9, squaring the factor after each failure (1, .9, .73, .48, .21, .04, ...). Measured on a
-    Fashion-MNIST MLP (2400 queries) this takes its median distance from 1.333 to 1.297; HopSkipJump's is 1.243."""
+    by 0.9, squaring the factor after each failure (1, .9, .73, .48, .21, .04, ...). Measured against
+    halving: docs/benchmarks_attacks.md, "Why tangent only ties hsja"."""
     return [0.9 ** (2 ** k - 1) for k in range(int(opts["max_shrinks"]) + 1)]
 
 
