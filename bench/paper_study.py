@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+import specreg
 from specreg_platform.base.stats import holm, mean_interval
+from specreg_platform.track import sweep_records
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN, DOSE = "paper-fmnist-slp", "paper-fmnist-slp-dose"
@@ -32,9 +34,9 @@ BOOTSTRAP = 10_000
 ARMS = ("none", "rep-spectral + activation term", "rep-spectral", "all-layer-spectral")
 
 
-def arm(params: dict) -> str:
-    kind = params["regularizer.kind"]
-    if kind == "rep-spectral" and params.get("regularizer.activation_term") == "True":
+def arm(config: dict) -> str:
+    kind = config["regularizer"]["kind"]
+    if kind == "rep-spectral" and config["regularizer"]["activation_term"]:
         return "rep-spectral + activation term"
     return kind
 
@@ -62,15 +64,17 @@ def networks(client, sweep: str) -> list[dict]:
     for run in client.search_runs([experiment.experiment_id], "tags.`specreg.role` = 'trial'"):
         if run.info.status != "FINISHED" or "adv_auc" not in run.data.metrics:
             continue
-        params = run.data.params
+        # The resolved config the trial ran (its params hold only the options its regularizer reads).
+        config = sweep_records.run_config(client, run.info.run_id)
         local = client.download_artifacts(run.info.run_id, "distances.npy")
         seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
-        out.append({"run_id": run.info.run_id, "seed": int(params["train.seed"]), "arm": arm(params),
-                    "strength": float(params["regularizer.strength"]), "epochs": int(params["train.epochs"]),
-                    "burnin": int(float(params["regularizer.burnin"])), "metrics": run.data.metrics,
+        epochs = config["train"]["epochs"]
+        out.append({"run_id": run.info.run_id, "seed": config["train"]["seed"], "arm": arm(config),
+                    "strength": config["regularizer"]["strength"], "epochs": epochs,
+                    "burnin": specreg.penalty_start(config), "metrics": run.data.metrics,
                     "distances": np.load(local), "epoch_seconds": seconds,
                     "burnin_tag": run.data.tags.get("specreg.burnin"),
-                    "iterations": int(params.get("attack.iterations", 0))})
+                    "iterations": config["attack"].get("iterations") or 0})
     return sorted(out, key=lambda r: (r["seed"], ARMS.index(r["arm"]) if r["arm"] in ARMS else 9))
 
 
