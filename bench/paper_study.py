@@ -11,7 +11,8 @@ Statistics. The unit of replication is the seed (one network per arm and seed). 
 t-interval over seeds. Against `none`: the per-seed paired difference, a 95% bootstrap interval that resamples
 seeds and, within each seed, the attacked points (so it carries both the seed-to-seed and the attack-sample
 noise; with one seed only the latter), a paired t-test over seeds with Holm's correction across the arms,
-and the smallest difference the seeds could detect (two-sided α = 0.05, power 0.8: (t₀.₉₇₅ + t₀.₈)·sd/√n).
+and the smallest difference the seeds could detect (two-sided α = 0.05, power 0.8, on the noncentral t:
+`detectable_difference`).
 """
 import argparse
 import io
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import specreg
-from specreg_platform.base.stats import holm, mean_interval
+from specreg_platform.base.stats import detectable_difference, holm, mean_interval, paired_t_pvalue
 from specreg_platform.track import sweep_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,11 +116,8 @@ def paired(base: list[dict], other: list[dict], name: str, rng) -> dict:
     result = {"n": n, "mean": float(diffs.mean()), "low": float(np.quantile(boot, 0.025)),
               "high": float(np.quantile(boot, 0.975)), "p": math.nan, "mde": math.nan}
     if n >= 2:
-        from scipy import stats
-
-        sd = diffs.std(ddof=1)
-        result["p"] = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else math.nan
-        result["mde"] = float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n))
+        result["p"] = paired_t_pvalue(diffs)
+        result["mde"] = detectable_difference(float(diffs.std(ddof=1)), n)
     return result
 
 

@@ -1,7 +1,7 @@
 """The platform's statistics, shared by tracking (seed aggregates logged to MLflow), `specreg runs` /
 export (differences from the baseline) and the report: the t-interval over seeds, the percentile bootstrap
-(over seeds, and over attacked points when given a seeds × points array), the paired t-test, Holm's
-correction and Spearman's ρ. numpy only at import; scipy is loaded where a function needs it."""
+(over seeds, and over attacked points when given a seeds × points array), the paired t-test, the smallest
+difference it can detect, Holm's correction and Spearman's ρ. numpy only at import; scipy is loaded where a function needs it."""
 import math
 import warnings
 
@@ -58,6 +58,25 @@ def paired_t_pvalue(differences) -> float:
     if len(differences) < 2 or np.ptp(differences) == 0:
         return math.nan
     return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test over n pairs (their differences' standard
+    deviation sd) detects with the given power: solved on the noncentral t distribution, since the usual
+    (t_{1-α/2} + t_power)·sd/√n understates it for few seeds (3 seeds: 3.10 sd has power 0.77)."""
+    from scipy import optimize, stats
+
+    if n < 2 or not sd > 0:
+        return math.nan
+    df, critical = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(effect):  # power at effect/sd, less the target; the lower tail as the mirrored upper one
+        shift = effect * math.sqrt(n)  # (scipy's nct.cdf far in the tail returns nan, its sf does not)
+        return stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift) - power
+
+    # The approximation is a lower bound; twice it, and a few sd more for tiny n, brackets the root.
+    guess = (critical + stats.t.ppf(power, df)) / math.sqrt(n)
+    return float(sd * optimize.brentq(shortfall, 0.0, 2 * guess + 1.0, xtol=1e-6))
 
 
 def paired_differences(arms: dict[str, dict[int, float]], pairs: list[tuple[str, str]]) -> list[dict]:
