@@ -24,10 +24,14 @@ noise all lands in that class) keeps drawing rounds of wider candidates (uniform
 about the input at scales from 1e-3 to 1, random box corners, blends toward them) until one is
 adversarial or its budget is spent (`START_QUERIES` without a budget); only then is it a start failure.
 """
+import hashlib
 import math
 import numbers
+import os
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -71,6 +75,9 @@ MIN_STEPS = 10  # binary-search rounds at least (theta alone gives only 2 for 2-
 # adversarial its distance to the input is sqrt(dist² − r²), so the largest radius that works is the best
 # step). Measured: docs/benchmarks_attacks.md, "TANGENT_REFINE".
 TANGENT_REFINE = 3
+# With a `state_file`, the attack's progress is written there at most this often (at the end of an iteration):
+# a 1,000-point attack of the paper's SLP takes about an hour, and an interrupted one continues from it.
+STATE_SECONDS = 60.0
 # Rows per forward pass on a CPU, where chunks whose activations stay in cache run fastest. Measured:
 # docs/benchmarks_attacks.md, "CPU_BATCH".
 CPU_BATCH = 512
@@ -84,6 +91,7 @@ class AttackResult:
     start: list                # per sample, one of START_KINDS
     pool_queries: int = 0      # one-off predictions of the start pool, shared by all samples
     trace: dict = field(default_factory=dict)  # iteration -> (distances, queries) after it, per `trace`
+    resumed_at: int = 0        # iterations an interrupted run had done (continued from its state_file)
 
 
 @dataclass(frozen=True)
@@ -194,9 +202,13 @@ class _Oracle:
         return adv, asked
 
 
-def run(model, x, y, name, max_queries, seed=0, **options) -> AttackResult:
+def run(model, x, y, name, max_queries, seed=0, state_file=None, **options) -> AttackResult:
     """Attack each row of x (true labels y) with `name`, at most `max_queries` model queries per sample
     (None: no budget; the `iterations` option then ends the attack).
+
+    state_file: where the attack keeps its progress (every STATE_SECONDS, removed when it finishes). A run
+    that finds progress of the same attack there (same model weights, inputs, options and seed) continues
+    from it, with the result an uninterrupted run gives; progress of anything else is ignored.
 
     Options (see DEFAULTS) tune the starting points and the attacks; reproducible for a seed (the
     attack's own generator; the global RNG is untouched)."""
@@ -213,12 +225,36 @@ def run(model, x, y, name, max_queries, seed=0, **options) -> AttackResult:
     try:
         with torch.no_grad():
             budget = UNLIMITED if max_queries is None else int(max_queries)
-            return _attack(model, x, y, name, budget, seed, opts)
+            return _attack(model, x, y, name, budget, seed, opts, state_file and Path(state_file))
     finally:
         model.train(was_training)
 
 
-def _attack(model, x, y, name, max_queries, seed, opts):
+def _fingerprint(model, name, max_queries, seed, opts, x0, y, pool) -> str:
+    """What an attack's result depends on: the model's weights, the inputs, the pool, the options."""
+    digest = hashlib.sha256(repr((name, max_queries, seed, sorted(
+        (k, v) for k, v in opts.items() if k not in ("start_pool", "progress")))).encode())
+    for tensor in [*model.state_dict().values(), x0, y, *([] if pool is None else [pool])]:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_state(path: Optional[Path], fingerprint: str) -> Optional[dict]:
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def _attack(model, x, y, name, max_queries, seed, opts, state_file=None):
     device = model_device(model)
     n, shape = len(x), tuple(x.shape[1:])
     d = math.prod(shape)
@@ -230,28 +266,35 @@ def _attack(model, x, y, name, max_queries, seed, opts):
     theta = opts["tolerance"] or opts["gamma"] / d ** 1.5
     steps = max(MIN_STEPS, math.ceil(math.log2(1 / theta)))  # binary-search rounds to reach theta
 
-    everyone = torch.arange(n, device=device)
-    pred = oracle.labels(x0, everyone)
-    pool, pool_pred = opts["start_pool"], None
-    if pool is not None and len(pool):
-        pool = pool.detach().to(device, torch.float32).reshape(len(pool), d)
-        pool_pred = oracle.predict(pool)
-
-    kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
-    todo = everyone[pred == y]
-    kind[todo] = START_KINDS.index("none")
-    idx, cur, post, kind[idx] = _start(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts, steps)
-    adv = x0.clone()
-    best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
-    best[pred != y] = 0.0
-    dist = _record(adv, best, idx, cur, x0)
+    pool = opts["start_pool"]
+    pool = pool.detach().to(device, torch.float32).reshape(len(pool), d) if pool is not None and len(pool) else None
+    fingerprint = _fingerprint(model, name, max_queries, seed, opts, x0, y, pool) if state_file else None
+    state = _load_state(state_file, fingerprint)
+    if state is None:
+        everyone = torch.arange(n, device=device)
+        pred = oracle.labels(x0, everyone)
+        pool_pred = None if pool is None else oracle.predict(pool)
+        kind = torch.full((n,), START_KINDS.index("misclassified"), device=device)
+        todo = everyone[pred == y]
+        kind[todo] = START_KINDS.index("none")
+        idx, cur, post, kind[idx] = _start(oracle, x0, y, pred, todo, pool, pool_pred, gen, opts, steps)
+        adv = x0.clone()
+        best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        best[pred != y] = 0.0
+        dist = _record(adv, best, idx, cur, x0)
+        done, trace = 0, {}
+    else:  # the loop's variables after iteration `done`, as an uninterrupted run had them
+        idx, cur, post, dist, adv, best, kind, oracle.queries = (
+            state[key].to(device) for key in ("idx", "cur", "post", "dist", "adv", "best", "kind", "queries"))
+        gen.set_state(state["generator"])
+        done, trace = state["done"], {t: tuple(pair) for t, pair in state["trace"].items()}
+    saved = time.monotonic()
 
     bar = _progress_bar(opts["progress"], n, min(max_queries, 20_000))
     entry = ATTACKS[name]
     scales = entry.scales(opts)
-    trace = {}
     if entry.step is not None:
-        for t in range(1, (opts["iterations"] or sys.maxsize - 1) + 1):
+        for t in range(done + 1, (opts["iterations"] or sys.maxsize - 1) + 1):
             evals = min(int(opts["init_evals"] * math.sqrt(t)), int(opts["max_evals"]))
             evals = (oracle.room(idx) - steps - 1).clamp(max=evals)  # leave room for the step and search
             keep = evals >= MIN_EVALS
@@ -270,6 +313,14 @@ def _attack(model, x, y, name, max_queries, seed, opts):
             dist = _record(adv, best, idx, cur, x0)
             if t in opts["trace"]:
                 trace[t] = (best.to("cpu", copy=True), oracle.queries.to("cpu", copy=True))
+            if state_file and time.monotonic() - saved >= STATE_SECONDS:
+                _save_state(state_file, {
+                    "fingerprint": fingerprint, "done": t, "generator": gen.get_state(), "trace": trace,
+                    **{key: value.cpu() for key, value in dict(idx=idx, cur=cur, post=post, dist=dist, adv=adv,
+                                                               best=best, kind=kind, queries=oracle.queries).items()}})
+                saved = time.monotonic()
+    if state_file:
+        state_file.unlink(missing_ok=True)
     bar.update(n - bar.n)
     bar.set_postfix(queries=int(oracle.queries.sum()))
     bar.close()
@@ -279,8 +330,9 @@ def _attack(model, x, y, name, max_queries, seed, opts):
         adversarial=adv.reshape(n, *shape).to(x.device),
         queries=oracle.queries.cpu(),
         start=[START_KINDS[i] for i in kind.tolist()],
-        pool_queries=0 if pool_pred is None else len(pool_pred),
+        pool_queries=0 if pool is None else len(pool),
         trace=trace,
+        resumed_at=0 if state is None else state["done"],
     )
 
 

@@ -358,7 +358,7 @@ def reported_metrics(config: dict) -> dict[str, frozenset]:
         radii = [f"adv_acc{among}_eps_{eps_name(e)}" for e in attack["eps"] for among in ("", "_correct")]
         distances = {"adv_dist_median", "adv_dist_mean", "adv_dist_median_correct", "adv_auc", *radii}
         final |= distances | {"attack_samples", "attack_queries_mean", "attack_pool_queries", "attack_seconds",
-                              "attack_start_failures", "attack_success_rate"}
+                              "attack_resumed_at", "attack_start_failures", "attack_success_rate"}
         for iteration in attack.get("trace") or ():  # where the attack reaches that iteration
             final |= {f"iter{iteration}/{name}" for name in (*distances, "attack_queries_mean")}
     return {**phases, "final": frozenset(final)}

@@ -167,7 +167,7 @@ class Run:
     """
 
     def __init__(self, config: dict, device, modules: dict, regularizer, regularized, on_epoch=None,
-                 checkpoint_dir=None, resume_from=None, stop_after_epochs=None):
+                 checkpoint_dir=None, resume_from=None, stop_after_epochs=None, attack_state=None):
         seed = config["train"]["seed"]
         keep_freed_memory()
         self.config, self.device, self.modules = config, device, modules
@@ -175,7 +175,7 @@ class Run:
         self.total = sum(phase_epochs(config).values())
         self.penalty_from = penalty_start(config) if config["regularizer"]["kind"] != "none" else math.inf
         self.last = self.total if stop_after_epochs is None else min(self.total, stop_after_epochs)
-        self.on_epoch, self.checkpoint_dir = on_epoch, checkpoint_dir
+        self.on_epoch, self.checkpoint_dir, self.attack_state = on_epoch, checkpoint_dir, attack_state
         self.batch_generator = torch.Generator().manual_seed(seed)  # batch order, crop-flip
         self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)  # on-device views
         self.epoch, self.offset, self.history, self.active = 0, 0, [], False
@@ -315,7 +315,7 @@ class Run:
         final["sigma_sq_sum"] = sum(v ** 2 for k, v in final.items() if k.startswith("sigma/features."))
         final["clean_acc"] = accuracy(model, x_test, y_test)
         if self.config["attack"] is not None:
-            final.update(robustness.evaluate(model, (x_test, y_test), self.config["attack"]))
+            final.update(robustness.evaluate(model, (x_test, y_test), self.config["attack"], self.attack_state))
         return final
 
 

@@ -24,8 +24,9 @@ from . import attacks
 SPEC_DEFAULTS = {"seed": 0, "start_pool": 1000, "correct_only": False}
 
 
-def evaluate(model, test_data, attack_spec) -> dict:
-    """Clean accuracy on the whole test set and attack metrics on its first `samples` points."""
+def evaluate(model, test_data, attack_spec, state_file=None) -> dict:
+    """Clean accuracy on the whole test set and attack metrics on its first `samples` points
+    (`state_file`: where the attack keeps its progress, see `attacks.run`)."""
     spec = {**SPEC_DEFAULTS, **attack_spec}
     missing = [key for key in ("name", "samples", "max_queries", "eps") if key not in spec]
     if missing:
@@ -67,7 +68,7 @@ def evaluate(model, test_data, attack_spec) -> dict:
     pool = x_test[rest[picked]] if len(picked) else None
     started = time.perf_counter()
     result = attacks.run(model, x_test[attacked], y_test[attacked], name, max_queries, seed=seed,
-                         start_pool=pool, **spec)
+                         start_pool=pool, state_file=state_file, **spec)
     seconds = time.perf_counter() - started
 
     failed = np.array([kind == "none" for kind in result.start])
@@ -82,7 +83,8 @@ def evaluate(model, test_data, attack_spec) -> dict:
         "attack_samples": len(attacked),
         "attack_queries_mean": float(result.queries.double().mean()),
         "attack_pool_queries": result.pool_queries,
-        "attack_seconds": seconds,
+        "attack_seconds": seconds,  # of this run: one that continued an interrupted attack took less
+        "attack_resumed_at": result.resumed_at,
         "attack_start_failures": int(failed.sum()),
         "attack_success_rate": float(np.isfinite(result.distances.numpy()).mean()),
         "distances": result.distances.numpy(),

@@ -34,16 +34,19 @@ TASKS = {"supervised": supervised, "ssl": ssl.experiment, "transfer": transfer.e
 
 
 def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from=None,
-                   stop_after_epochs=None) -> dict:
+                   stop_after_epochs=None, attack_state=None) -> dict:
     """Train and evaluate one config; return the final metrics with `history`.
 
     on_epoch: called with each epoch's metrics (epochs are counted across a task's phases).
     checkpoint_dir: save the full state there after every epoch (before `on_epoch` is called).
     resume_from: a directory written by `save_checkpoint`; training continues after its epoch.
     stop_after_epochs: stop after that many epochs, skipping the final evaluation (a burn-in prefix).
+    attack_state: a file where the attack keeps its progress; a rerun given the same file (after
+    `resume_from` a final checkpoint, say) continues an interrupted attack instead of starting it over.
     """
     config = validate_config(config)
     device = resolve_device(config["train"]["device"])
     seed_everything(config["train"]["seed"])
     return TASKS[config["task"]](config, device, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir,
-                                 resume_from=resume_from, stop_after_epochs=stop_after_epochs)
+                                 resume_from=resume_from, stop_after_epochs=stop_after_epochs,
+                                 attack_state=attack_state)

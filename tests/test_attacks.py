@@ -209,6 +209,56 @@ def test_reproducible_for_a_seed_and_leaves_global_rng_alone():
     assert not torch.equal(a.distances, c.distances)
 
 
+class Interrupting(nn.Module):
+    """The wrapped model, until its `calls`-th forward pass: then it raises, as a killed process would stop."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls = model, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt
+        return self.model(x)
+
+
+@pytest.mark.parametrize("name", ["tangent", "hsja"])
+def test_an_interrupted_attack_continues_from_its_state_file_to_the_uninterrupted_result(name, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(attacks, "STATE_SECONDS", 0.0)  # keep the progress after every iteration
+    model, x, y = linear_problem(n=40)
+    options = dict(seed=2, iterations=12, trace=(4, 8), progress=False)
+    straight = attacks.run(model, x, y, name, None, **options)
+    state = tmp_path / "attack.pt"
+    with pytest.raises(KeyboardInterrupt):  # stopped mid-way, after a few iterations were kept
+        attacks.run(Interrupting(model, calls=120), x, y, name, None, state_file=state, **options)
+    kept = torch.load(state, weights_only=True)
+    assert 1 <= kept["done"] < 12
+    resumed = attacks.run(model, x, y, name, None, state_file=state, **options)
+    assert torch.equal(resumed.distances, straight.distances) and torch.equal(resumed.queries, straight.queries)
+    assert torch.equal(resumed.adversarial, straight.adversarial) and resumed.start == straight.start
+    assert resumed.trace.keys() == straight.trace.keys() and all(
+        torch.equal(a, b) for t in straight.trace for a, b in zip(resumed.trace[t], straight.trace[t]))
+    assert resumed.resumed_at == kept["done"] and straight.resumed_at == 0
+    assert not state.exists()  # removed once the attack finished
+
+
+def test_progress_of_another_attack_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(attacks, "STATE_SECONDS", 0.0)
+    model, x, y = linear_problem(n=30)
+    other, _, _ = linear_problem(n=30, seed=1)  # other weights: its progress must not be continued
+    state = tmp_path / "attack.pt"
+    with pytest.raises(KeyboardInterrupt):
+        attacks.run(Interrupting(other, calls=100), x, y, "tangent", None, iterations=10, state_file=state,
+                    progress=False)
+    assert state.exists()
+    fresh = attacks.run(model, x, y, "tangent", None, iterations=10, progress=False)
+    resumed = attacks.run(model, x, y, "tangent", None, iterations=10, state_file=state, progress=False)
+    assert torch.equal(resumed.distances, fresh.distances) and torch.equal(resumed.queries, fresh.queries)
+    assert resumed.resumed_at == 0
+
+
 def test_box_is_respected_and_results_are_adversarial():
     gen = torch.Generator().manual_seed(0)
     d = 16

@@ -26,6 +26,7 @@ from .trainable import CONTEXT, ERROR, FINAL, OUTCOME, run_trial
 
 CONTEXT_FILE = "specreg-sweep.json"   # in the sweep's storage folder: what --resume needs
 CACHE_DIR = "burnin-cache"
+ATTACK_DIR = "attack-state"  # in a sweep's folder: each running attack's progress, so a retried trial continues it
 REPEAT = "specreg_repeat"   # Optuna user attribute of an asked config that an earlier trial already had
 MAX_ASKS = 1000             # asks for a new config before the searcher stops (the space is used up)
 
@@ -276,7 +277,8 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         # one burn-in cache per storage folder: its keys hash everything a prefix depends on, so sweeps that
         # share a prefix (a study and its follow-ups) train it once
         context.update({"cache_dir": str(Path(storage) / CACHE_DIR), "cpus": spec.resources.cpu,
-                        "offline_dir": str(sweep_dir / journal.OFFLINE_DIR)})  # read by `sync`, below
+                        "offline_dir": str(sweep_dir / journal.OFFLINE_DIR),  # read by `sync`, below
+                        "attack_dir": str(sweep_dir / ATTACK_DIR)})
         sweep_dir.mkdir(parents=True)
         (sweep_dir / CONTEXT_FILE).write_text(json.dumps(context))
     concurrent = max_concurrent or spec.run.max_concurrent or min(fit, spec.num_samples())

@@ -204,7 +204,13 @@ class Trial:
             self._report({**tracking.scalars(metrics), "seed": seed},
                          checkpoint=due or metrics["epoch"] == total_epochs(config))
 
-        return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume)
+        # The attack's progress lives in the sweep's storage (this worker's folder is temporary), where a retry
+        # of the trial, resumed from its last checkpoint, continues it (sweeps started before it: none).
+        attack_state = None
+        if self.context.get("attack_dir"):
+            attack_state = Path(self.context["attack_dir"]) / f"{self.trial_id}-seed{seed}.pt"
+        return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume,
+                                      attack_state=attack_state)
 
     def _report(self, metrics: dict, checkpoint: bool) -> None:
         """Report to Tune, with the checkpoint to resume from if asked."""

@@ -7,19 +7,22 @@ use, make the built network fail at a chosen epoch. The product itself has no fa
   `fail_log: DIR` and `fail_times: N` it raises only the first N times across attempts (each failure
   appends a line to `DIR/fail_times=N`), so a retry of the trial can succeed.
 - `nan_at_epoch: K` makes the network's output NaN from epoch K on (the loss diverges).
+- `fail_at_query: K` raises `InjectedFault` at the K-th forward pass in eval mode after training (the
+  attack's queries), with `fail_log` / `fail_times` as above.
 
 Epochs are counted by the network itself: each training step after an evaluation starts a new epoch
 (the training loop evaluates in eval mode at the end of every epoch). A resumed network counts from the
 epoch it resumes at only if the test says so; the failure log keeps a retried trial from failing again once it has failed `fail_times` times.
 
 It also makes trials checkpoint at every epoch (their epochs are far shorter than the product's
-10-second checkpoint interval), so that a retried trial has a checkpoint to resume from.
+10-second checkpoint interval), so that a retried trial has a checkpoint to resume from, and attacks keep
+their progress after every iteration (instead of every minute).
 """
 import inspect
 import math
 from pathlib import Path
 
-FAULT_KEYS = ("fail_at_epoch", "fail_times", "fail_log", "nan_at_epoch")
+FAULT_KEYS = ("fail_at_epoch", "fail_times", "fail_log", "nan_at_epoch", "fail_at_query")
 
 
 class InjectedFault(RuntimeError):
@@ -42,9 +45,22 @@ def _faulty(builder):
         if fault:
             state = {"epoch": 1, "trained": False, "evaluated": False}
 
+            def fail_once(where: str) -> None:
+                log = failures(fault.get("fail_log"), fault.get("fail_times"))
+                if log is None or len(log.read_text().splitlines()) < fault["fail_times"]:
+                    state["failed"] = True
+                    if log is not None:
+                        with log.open("a") as f:
+                            f.write(f"{where}\n")
+                    raise InjectedFault(f"injected fault at {where}")
+
             def hook(module, inputs, output):
                 if not module.training:
                     state["evaluated"] = state["trained"]  # an evaluation before training starts none
+                    if fault.get("fail_at_query") is not None and state["trained"] and not state.get("failed"):
+                        state["queries"] = state.get("queries", 0) + 1
+                        if state["queries"] == fault["fail_at_query"]:
+                            fail_once(f"query {state['queries']}")
                     return output
                 if state["evaluated"]:
                     state["epoch"] += 1
@@ -52,13 +68,7 @@ def _faulty(builder):
                 state["trained"] = True
                 epoch = state["epoch"]
                 if fault.get("fail_at_epoch") == epoch and not state.get("failed"):
-                    log = failures(fault.get("fail_log"), fault.get("fail_times"))
-                    if log is None or len(log.read_text().splitlines()) < fault["fail_times"]:
-                        state["failed"] = True
-                        if log is not None:
-                            with log.open("a") as f:
-                                f.write(f"epoch {epoch}\n")
-                        raise InjectedFault(f"injected fault at epoch {epoch}")
+                    fail_once(f"epoch {epoch}")
                 if fault.get("nan_at_epoch") is not None and epoch >= fault["nan_at_epoch"]:
                     return output * math.nan
                 return output
@@ -75,9 +85,11 @@ def _faulty(builder):
 
 def install() -> None:
     """Ray's worker_process_setup_hook (and called once in the test process)."""
+    import specreg.attacks
     import specreg.models
     from specreg_platform.run import trainable
 
     if not getattr(specreg.models.MODELS["mlp"], "specreg_faults", False):
         specreg.models.MODELS["mlp"] = _faulty(specreg.models.MODELS["mlp"])
     trainable.CHECKPOINT_SECONDS = 0.0
+    specreg.attacks.STATE_SECONDS = 0.0

@@ -75,6 +75,34 @@ def test_a_trial_failing_past_max_failures_ends_failed_with_its_error(failing):
 
 
 @pytest.fixture(scope="module")
+def attack_failing(tmp_path_factory, store):
+    """Two trials of one network: one fails once mid-attack (at its 150th query pass), one does not."""
+    tmp = tmp_path_factory.mktemp("attack_failing")
+    (tmp / "faults").mkdir()
+    space = grid_space("attackfail", "model.fail_times", [0, 1], run={"max_failures": 1})
+    space["base"]["model"].update(fail_at_query=150, fail_log=str(tmp / "faults"))
+    space["base"]["attack"] = {"name": "tangent", "samples": 30, "max_queries": None, "iterations": 15,
+                               "eps": [0.5, 1.0]}
+    done = _sweep(tmp, space, store)
+    done["runs"] = {r.data.params["model.fail_times"]: r for r in done["runs"]}
+    done["failures"] = (tmp / "faults" / "fail_times=1").read_text().splitlines()
+    return done
+
+
+def test_a_trial_failing_mid_attack_continues_its_attack_to_the_uninterrupted_result(attack_failing):
+    assert attack_failing["result"].exit_code == 0, attack_failing["result"].output
+    assert attack_failing["failures"] == ["query 150"]
+    assert attack_failing["ray"]["1"].num_failures == 1 and attack_failing["ray"]["0"].num_failures == 0
+    failed, healthy = (attack_failing["runs"][k].data.metrics for k in ("1", "0"))
+    # The retry restored the final checkpoint and continued the attack from its kept progress (a restart
+    # would report 0), to the same distances as the trial that was never interrupted.
+    assert failed["attack_resumed_at"] >= 1 and healthy["attack_resumed_at"] == 0
+    attack_metrics = [k for k in healthy if k.startswith("adv_") or k == "attack_queries_mean"]
+    assert len(attack_metrics) >= 6 and all(failed[k] == healthy[k] for k in attack_metrics)
+    assert not any((attack_failing["dir"] / "attack-state").glob("*.pt")), "progress files left behind"
+
+
+@pytest.fixture(scope="module")
 def diverging(tmp_path_factory, store):
     """Two trials: one whose loss turns NaN at epoch 2, one healthy."""
     tmp = tmp_path_factory.mktemp("diverging")
