@@ -271,7 +271,6 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
         if context["spec"] != spec.model_dump(by_alias=True) or context["mlflow_uri"] != uri:
             echo(f"note: resuming with the space and tracking URI the sweep started with ({context['mlflow_uri']})")
         spec = SweepSpec.model_validate(context["spec"])
-        connection.retry(connection.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
     else:
         context = _start_tracking(spec, base, uri, Path(space_path).read_text())
         # one burn-in cache per storage folder: its keys hash everything a prefix depends on, so sweeps that
@@ -286,8 +285,15 @@ def run_sweep(space_path, *, samples=None, name=None, mlflow_uri=None, storage="
     echo(f"sweep {spec.name}: {spec.num_samples()} trials, up to {concurrent} at a time; "
          f"MLflow {context['mlflow_uri']} (experiment {spec.name}); Ray results {sweep_dir}")
     if resume:  # the searcher, the scheduler and the monitor come back from the sweep's saved state
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True,
-                                   param_space={CONTEXT: context})
+        try:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True,
+                                       param_space={CONTEXT: context})
+        except (ModuleNotFoundError, AttributeError) as error:  # Tune pickles classes by module and name
+            raise BadInput(f"--resume: sweep {spec.name!r} was started by specreg at commit "
+                           f"{context.get('commit') or '(unknown)'}, "
+                           f"whose saved state names code this version does not have ({error}); resume it "
+                           "with that version (a git worktree at that commit)") from None
+        connection.retry(connection.client(context["mlflow_uri"]).update_run, context["parent_run_id"], "RUNNING")
     else:
         monitor = SweepMonitor(context["mlflow_uri"], context["experiment_id"], spec.metrics, list(spec.search))
         tuner = tune.Tuner(

@@ -153,3 +153,25 @@ def test_exported_configs_hold_no_absolute_path_of_this_machine(diverging, store
         text = (out / name).read_text()
         for machine_path in (str(diverging["tmp"]), os.path.expanduser("~") + "/"):
             assert machine_path not in text, (name, machine_path)
+
+
+def test_resuming_a_sweep_whose_saved_state_names_code_this_version_lacks_exits_2_naming_its_commit(tmp_path,
+                                                                                                     store):
+    """A sweep saved by a version whose modules have since moved (Tune pickles classes by module): --resume
+    says which commit started it instead of a traceback, and leaves the sweep's MLflow run as it was."""
+    ensure_ray()
+    path = write_yaml(tmp_path / "moved.yaml", grid_space("moved", "train.lr", [0.05]))
+    args = ("sweep", path, "--mlflow", store, "--storage", tmp_path / "runs")
+    assert cli(*args).exit_code == 0
+    tuner = tmp_path / "runs" / "moved" / "tuner.pkl"  # Tune's pickled tuner: it names our searcher's module
+    assert b"specreg_platform.run.sweep" in tuner.read_bytes()
+    tuner.write_bytes(tuner.read_bytes().replace(b"specreg_platform.run.sweep", b"specreg_platform.run.sweeq"))
+    mlflow = MlflowClient(store)
+    parent = sweep_records.find_sweep(mlflow, "moved").parent_run_id
+    result = cli(*args, "--resume")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "--resume: sweep 'moved' was started by specreg at commit" in text
+    assert "specreg_platform.run.sweeq" in text and "resume it with that version" in text
+    assert mlflow.get_run(parent).info.status == "FINISHED"
+
