@@ -13,7 +13,7 @@ import specreg
 from specreg import attacks, regularizers
 from specreg.spectral import OperatorNorm
 
-from test_attacks import Counting, linear_problem
+from test_attacks import Counting, Interrupting, linear_problem
 from test_regularizers import dense_penalty_gradient, mlp
 from test_train import config
 from test_spectral import conv_matrix
@@ -158,6 +158,22 @@ def test_attack_is_reproducible_for_a_seed_on_the_device(name):
     first, again, other = (linear_attack(name, seed)[-1].distances for seed in (3, 3, 4))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_an_interrupted_attack_continues_on_the_device(tmp_path, monkeypatch):
+    """On DEVICE, whose generator state is saved and restored: an attack interrupted mid-way and continued
+    from its state file ends as an uninterrupted one does."""
+    monkeypatch.setattr(attacks, "STATE_SECONDS", 0.0)
+    model, x, y = linear_problem(n=40)
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    options = dict(seed=5, iterations=10, progress=False)
+    straight = attacks.run(model, x, y, "tangent", None, **options)
+    state = tmp_path / "attack.pt"
+    with pytest.raises(KeyboardInterrupt):
+        attacks.run(Interrupting(model, calls=100), x, y, "tangent", None, state_file=state, **options)
+    resumed = attacks.run(model, x, y, "tangent", None, state_file=state, **options)
+    assert resumed.resumed_at >= 1
+    assert torch.equal(resumed.distances, straight.distances) and torch.equal(resumed.queries, straight.queries)
 
 
 @pytest.mark.parametrize("amp", [False, True])
