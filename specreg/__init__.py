@@ -15,11 +15,12 @@ from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
 from .regularizers import REGULARIZERS, regularizer_options
 from .robustness import eps_name
-from .train import Diverged, load_checkpoint, run_experiment, save_checkpoint
+from .train import Diverged, load_checkpoint, run_experiment, run_resolved, save_checkpoint
 
 __all__ = [
     # running an experiment
-    "run_experiment", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE", "resolve_device",
+    "run_experiment", "run_resolved", "Diverged", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FILE",
+    "resolve_device",
     # the experiment schema and the facts read from a resolved config
     "validate_config", "ConfigError", "ExperimentConfig", "DataSpec", "ModelSpec", "AttackSpec",
     "Strict", "format_validation_error", "did_you_mean",

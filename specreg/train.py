@@ -9,7 +9,7 @@ from .config import check_model, validate_config
 from .loop import (SUPERVISED, Diverged, Phase, Run, accuracy, classification_loss, encoder_metrics,
                    load_checkpoint, resolve_device, save_checkpoint, seed_everything)
 
-__all__ = ["Diverged", "load_checkpoint", "run_experiment", "save_checkpoint"]
+__all__ = ["Diverged", "load_checkpoint", "run_experiment", "run_resolved", "save_checkpoint"]
 
 
 def supervised(config: dict, device, **run_options) -> dict:
@@ -33,9 +33,16 @@ def supervised(config: dict, device, **run_options) -> dict:
 TASKS = {"supervised": supervised, "ssl": ssl.experiment, "transfer": transfer.experiment}
 
 
-def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from=None,
-                   stop_after_epochs=None, attack_state=None) -> dict:
-    """Train and evaluate one config; return the final metrics with `history`.
+def run_experiment(config: dict, **options) -> dict:
+    """Validate a config and train and evaluate it (`run_resolved`, which lists the options); return the
+    final metrics with `history`."""
+    return run_resolved(validate_config(config), **options)
+
+
+def run_resolved(config: dict, on_epoch=None, checkpoint_dir=None, resume_from=None, stop_after_epochs=None,
+                 attack_state=None) -> dict:
+    """Train and evaluate a config that `validate_config` returned (a caller that validated it at its own
+    edge, as a sweep's trial does, runs it without a second validation).
 
     on_epoch: called with each epoch's metrics (epochs are counted across a task's phases).
     checkpoint_dir: save the full state there after every epoch (before `on_epoch` is called).
@@ -44,7 +51,6 @@ def run_experiment(config: dict, on_epoch=None, checkpoint_dir=None, resume_from
     attack_state: a file where the attack keeps its progress; a rerun given the same file (after
     `resume_from` a final checkpoint, say) continues an interrupted attack instead of starting it over.
     """
-    config = validate_config(config)
     device = resolve_device(config["train"]["device"])
     seed_everything(config["train"]["seed"])
     return TASKS[config["task"]](config, device, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir,

@@ -162,6 +162,18 @@ def test_logging_sigma_leaves_spectral_norm_training_unchanged(tmp_path):
         assert torch.equal(value, trained[1][key]), key
 
 
+def test_run_resolved_trains_a_validated_config_as_run_experiment_does_without_validating_again(monkeypatch):
+    """A sweep's trial validates its config once, at its edge, and runs it with run_resolved."""
+    from specreg import train
+
+    resolved = specreg.validate_config(config("rep-spectral", epochs=2))
+    expected = specreg.run_experiment(resolved)
+    monkeypatch.setattr(train, "validate_config", lambda c: pytest.fail("run_resolved validated again"))
+    got = specreg.run_resolved(resolved)
+    untimed = [[{k: v for k, v in m.items() if k != "epoch_seconds"} for m in r["history"]] for r in (got, expected)]
+    assert untimed[0] == untimed[1] and got["clean_acc"] == expected["clean_acc"]
+
+
 def test_checkpoints_hold_plain_tensors_only(tmp_path):
     specreg.run_experiment(config("rep-spectral", epochs=1), checkpoint_dir=tmp_path)
     state = specreg.load_checkpoint(tmp_path)  # weights_only=True inside

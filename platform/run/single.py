@@ -46,7 +46,7 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
                 last = metrics["epoch"] == total_epochs(resolved) and resolved["attack"]
                 progress.update(task, completed=metrics["epoch"], status="attacking…" if last else status(metrics))
 
-            result = specreg.run_experiment(resolved, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir)
+            result = specreg.run_resolved(resolved, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir)
     except specreg.Diverged as error:
         run.end("FAILED", "diverged", str(error))
         print(f"diverged: {error} (MLflow run {run.run_id})")

@@ -209,8 +209,8 @@ class Trial:
         attack_state = None
         if self.context.get("attack_dir"):
             attack_state = Path(self.context["attack_dir"]) / f"{self.trial_id}-seed{seed}.pt"
-        return specreg.run_experiment(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume,
-                                      attack_state=attack_state)
+        return specreg.run_resolved(config, on_epoch=on_epoch, checkpoint_dir=train_dir, resume_from=resume,
+                                    attack_state=attack_state)
 
     def _report(self, metrics: dict, checkpoint: bool) -> None:
         """Report to Tune, with the checkpoint to resume from if asked."""
