@@ -77,7 +77,8 @@ def test_resume_after_sigkill_reruns_nothing_finished_and_leaves_nothing_running
         steps = [m.step for m in mlflow.get_metric_history(run_id, "train_loss")]
         assert sorted(steps) == list(range(1, 21))
         lr = before[run_id].data.params["train.lr"]
-        assert [r.data.params["train.lr"] for r in after.values()].count(lr) == 1
+        # .get: a trial killed between opening its run and logging its params leaves a KILLED run without them
+        assert [r.data.params.get("train.lr") for r in after.values()].count(lr) == 1
 
 
 def test_ctrl_c_stops_cleanly_closes_the_runs_and_says_how_to_resume(tmp_path):
