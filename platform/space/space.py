@@ -392,8 +392,8 @@ def check_options(key: str, schema, block: dict) -> None:
     elif schema is specreg.ModelSpec and name in specreg.MODELS:
         allowed = {"name", *specreg.model_options(name)}
         what = f"option of model {name!r}"  # the builder's parameters after (input_shape, num_classes)
-    elif schema is specreg.AttackSpec and block.get("name", schema.model_fields["name"].default) in specreg.ATTACKS:
-        name = block.get("name", schema.model_fields["name"].default)
+    elif schema is specreg.AttackSpec and (name := block.get("name", schema.model_fields["name"].default)) \
+            in specreg.ATTACKS:
         allowed = {*schema.model_fields, *specreg.attack_options(name)}
         what = f"option of attack {name!r}"
     else:
