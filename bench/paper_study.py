@@ -67,12 +67,14 @@ def networks(client, sweep: str) -> list[dict]:
             continue
         # The resolved config the trial ran (its params hold only the options its regularizer reads).
         config = sweep_records.run_config(client, run.info.run_id)
+        metrics = sweep_records.current_names(run.data.metrics)
         local = client.download_artifacts(run.info.run_id, "distances.npy")
         seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
         epochs = config["train"]["epochs"]
         out.append({"run_id": run.info.run_id, "seed": config["train"]["seed"], "arm": arm(config),
                     "strength": config["regularizer"]["strength"], "epochs": epochs,
-                    "burnin": specreg.penalty_start(config), "metrics": run.data.metrics,
+                    "burnin": specreg.penalty_start(config), "metrics": metrics,
+                    "trace": attack_trace(client, run.info.run_id, metrics),
                     "distances": np.load(local), "epoch_seconds": seconds,
                     "burnin_tag": run.data.tags.get("specreg.burnin"),
                     "iterations": config["attack"].get("iterations") or 0})
@@ -138,8 +140,8 @@ def arm_table(records: list[dict]) -> str:
         if not group:
             continue
         m = lambda key: t_interval([r["metrics"][key] for r in group])  # noqa: E731
-        cells = [fmt(*m("clean_acc"), 100), fmt(*m("adv_dist_median_correct")),
-                 *(fmt(*m(f"adv_acc_correct_eps_{e}"), 100) for e in EPS_TABLE), fmt(*m("adv_acc_eps_1.0"), 100),
+        cells = [fmt(*m("clean_acc"), 100), fmt(*m("med_dist_correct")),
+                 *(fmt(*m(f"kept_{e}"), 100) for e in EPS_TABLE), fmt(*m("acc_1.0"), 100),
                  fmt(*m("adv_auc")), fmt(*m("sigma_sq_sum"), spec=".1f")]
         rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -173,15 +175,35 @@ def difference_table(records: list[dict], rng) -> str:
     return "\n".join(rows)
 
 
-def checkpoints(metrics: dict) -> list[int]:
-    """The iterations after which the attack's trace recorded distances (`iterN/...`), in order."""
-    return sorted(int(k.split("/")[0][4:]) for k in metrics if k.startswith("iter") and
-                  k.endswith("/adv_dist_median_correct"))
+TRACED = ("med_dist_correct", "attack_queries_mean", "kept_1.0")  # what the convergence tables read
+
+
+def attack_trace(client, run_id: str, metrics: dict) -> dict[int, dict]:
+    """{iteration: {metric: value}} after each iteration the attack traced, from the metrics' MLflow history
+    (a step per iteration, the last one the full attack); a store written before that kept them as
+    `iter<t>/<metric>` metrics."""
+    old = {}
+    for key, value in metrics.items():
+        if key.startswith("iter") and "/" in key:
+            step, name = key.split("/", 1)
+            old.setdefault(int(step[4:]), {})[name] = value
+    if old:
+        return old
+    trace: dict[int, dict] = {}
+    for name in TRACED:
+        for point in client.get_metric_history(run_id, name):
+            trace.setdefault(point.step, {})[name] = point.value
+    return {t: values for t, values in trace.items() if len(values) == len(TRACED)}
+
+
+def checkpoints(record: dict) -> list[int]:
+    """The iterations before the full attack after which its trace recorded distances, in order."""
+    return sorted(t for t in record["trace"] if t < record["iterations"])
 
 
 def at(record: dict, t: int, key: str) -> float:
     """A network's metric after t iterations of its attack (the run's own metric when t is its full budget)."""
-    return record["metrics"][key if t == record["iterations"] else f"iter{t}/{key}"]
+    return record["metrics"][key] if t == record["iterations"] else record["trace"][t][key]
 
 
 def convergence_table(records: list[dict]) -> str:
@@ -189,15 +211,15 @@ def convergence_table(records: list[dict]) -> str:
     and the change of the median over the last doubling (the budget's convergence)."""
     rows = []
     for r in records:
-        m, its = r["metrics"], r["iterations"]
-        points = [*checkpoints(m), its]
+        its = r["iterations"]
+        points = [*checkpoints(r), its]
         if not rows:
             head = " / ".join(map(str, points))
             rows = [f"| seed | arm | queries ({head} it.) | median distance ({head} it.) | last doubling | "
                     f"robust ε=1 (%) ({head} it.) |", "|---|---|---|---|---|---|"]
-        med = [at(r, t, "adv_dist_median_correct") for t in points]
+        med = [at(r, t, "med_dist_correct") for t in points]
         queries = [at(r, t, "attack_queries_mean") for t in points]
-        acc = [at(r, t, "adv_acc_correct_eps_1.0") for t in points]
+        acc = [at(r, t, "kept_1.0") for t in points]
         half = points.index(its // 2) if its // 2 in points else None
         change = "" if half is None else f"{100 * (med[-1] / med[half] - 1):+.2f}%"
         rows.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
@@ -211,14 +233,14 @@ def authors_budget_table(records: list[dict], t: int = 40) -> str:
     rows = [f"| arm | seeds | median distance, {t} it. | full budget | robust ε=1 (%), {t} it. | full budget |",
             "|---|---|---|---|---|---|"]
     for name in ARMS:
-        group = [r for r in records if r["arm"] == name and (r["iterations"] == t or t in checkpoints(r["metrics"]))]
+        group = [r for r in records if r["arm"] == name and (r["iterations"] == t or t in checkpoints(r))]
         if not group:
             continue
         cell = lambda key, tt, scale=1.0: fmt(*t_interval([at(r, tt, key) for r in group]), scale)  # noqa: E731
         rows.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | "
-                    f"{cell('adv_dist_median_correct', t)} | {cell('adv_dist_median_correct', group[0]['iterations'])} | "
-                    f"{cell('adv_acc_correct_eps_1.0', t, 100)} | "
-                    f"{cell('adv_acc_correct_eps_1.0', group[0]['iterations'], 100)} |")
+                    f"{cell('med_dist_correct', t)} | {cell('med_dist_correct', group[0]['iterations'])} | "
+                    f"{cell('kept_1.0', t, 100)} | "
+                    f"{cell('kept_1.0', group[0]['iterations'], 100)} |")
     return "\n".join(rows)
 
 
@@ -291,7 +313,7 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
                         key=lambda r: (r["arm"], r["strength"], r["epochs"])):
             m = r["metrics"]
             rows.append(f"| {r['strength']:g} | {r['epochs'] - r['burnin']} | {r['arm']} | "
-                        f"{m['adv_dist_median_correct']:.4f} | {100 * m['adv_acc_correct_eps_1.0']:.1f} | "
+                        f"{m['med_dist_correct']:.4f} | {100 * m['kept_1.0']:.1f} | "
                         f"{100 * m['clean_acc']:.1f} |")
         text.write("\n## Dose and time (one seed)\n\n" + "\n".join(rows) + "\n")
     if records:

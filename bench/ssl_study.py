@@ -17,7 +17,7 @@ import torch
 
 import specreg
 
-METRICS = ("clean_acc", "knn_acc", "adv_dist_median", "adv_acc_eps_0.5", "adv_acc_eps_1.0", "adv_acc_eps_2.0",
+METRICS = ("clean_acc", "knn_acc", "med_dist", "acc_0.5", "acc_1.0", "acc_2.0",
            "adv_auc", "alpha_hat", "sigma_sq_sum")
 
 

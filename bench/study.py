@@ -11,14 +11,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SLP, CONFIRMED, PLACEMENT = "study-fmnist-slp", "study-fmnist-slp-confirm", "study-placement"
-METRICS = ["clean_acc", "adv_dist_median", "adv_acc_eps_0.5", "adv_acc_eps_1.0", "adv_acc_eps_2.0"]
+METRICS = ["clean_acc", "med_dist", "acc_0.5", "acc_1.0", "acc_2.0"]
 
 
 def steps(mlflow: str, storage: str) -> list[list[str]]:
     where = ["--mlflow", mlflow]
     return [
         ["sweep", "search_spaces/study_fmnist_slp.yaml", *where, "--storage", storage],
-        ["confirm", SLP, "--per", "regularizer.kind", "--top", "1", "--objective", "adv_acc_eps_1.0",
+        ["confirm", SLP, "--per", "regularizer.kind", "--top", "1", "--objective", "acc_1.0",
          "--seeds", "3", *where, "--storage", storage],
         ["sweep", "search_spaces/study_placement.yaml", *where, "--storage", storage],
         *(["report", name, "--format", "md", "--out", f"docs/figures/{name}", *where]
@@ -50,7 +50,7 @@ def table(mlflow, name: str) -> str:
     labels = data.labels(data.records)
     lines = ["| config | clean acc (%) | median distance | robust acc ε=0.5 (%) | ε=1 (%) | ε=2 (%) |",
              "|---|---|---|---|---|---|"]
-    for record in sorted(data.records, key=lambda r: -r.metrics["adv_acc_eps_1.0"]):
+    for record in sorted(data.records, key=lambda r: -r.metrics["acc_1.0"]):
         lines.append(f"| {labels[record.run_id]} | " + " | ".join(cell(data, record, m) for m in METRICS) + " |")
     return "\n".join(lines)
 

@@ -110,7 +110,7 @@ def burnin_sweep(work: Path, shared: bool, label: str) -> dict:
     space = {"name": f"bench-burnin-{label}", "base": BURNIN_BASE,
              "search": {"regularizer.strength": {"grid": [1.0e-3, 1.0e-2, 1.0e-1]},
                         "regularizer.placement": {"grid": ["upto:1", "upto:2", "feature", "all"]}},
-             "objectives": [{"metric": "clean_acc", "mode": "max"}, {"metric": "adv_acc_eps_0.5", "mode": "max"}],
+             "objectives": [{"metric": "clean_acc", "mode": "max"}, {"metric": "acc_0.5", "mode": "max"}],
              "sampler": {"name": "grid"}, "run": {"shared_burnin": shared}}
     folder = work / space["name"]
     folder.mkdir()

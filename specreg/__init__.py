@@ -14,7 +14,7 @@ from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
 from .regularizers import REGULARIZERS, regularizer_options
-from .robustness import eps_name
+from .robustness import is_attack_metric, metric_radius, radius_metric
 from .train import Diverged, load_checkpoint, run_experiment, run_resolved, save_checkpoint
 
 __all__ = [
@@ -29,5 +29,5 @@ __all__ = [
     "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",
     "check_available", "DatasetNotFound", "ATTACKS", "attack_options", "validate_attack",
     # the names of reported metrics
-    "eps_name",
+    "radius_metric", "metric_radius", "is_attack_metric",
 ]

@@ -27,7 +27,6 @@ adversarial or its budget is spent (`START_QUERIES` without a budget); only then
 import hashlib
 import math
 import numbers
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
+
+from .files import load_state, save_atomic
 
 # The options every attack reads (an entry of the registry, ATTACKS at the end of this file, may add its own).
 DEFAULTS = {
@@ -92,6 +93,7 @@ class AttackResult:
     pool_queries: int = 0      # one-off predictions of the start pool, shared by all samples
     trace: dict = field(default_factory=dict)  # iteration -> (distances, queries) after it, per `trace`
     resumed_at: int = 0        # iterations an interrupted run had done (continued from its state_file)
+    iterations: int = 0        # iterations done (0 for an attack without steps)
 
 
 @dataclass(frozen=True)
@@ -239,18 +241,10 @@ def _fingerprint(model, name, max_queries, seed, opts, x0, y, pool) -> str:
     return digest.hexdigest()
 
 
-def _save_state(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
 def _load_state(path: Optional[Path], fingerprint: str) -> Optional[dict]:
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path)
     return state if state.get("fingerprint") == fingerprint else None
 
 
@@ -311,13 +305,15 @@ def _attack(model, x, y, name, max_queries, seed, opts, state_file=None):
             post[ok] = (cand[ok] - origin[ok]).norm(dim=1)
             cur[ok] = _binary_search(oracle, origin[ok], cand[ok, None], idx[ok], steps)[:, 0]
             dist = _record(adv, best, idx, cur, x0)
+            done = t
             if t in opts["trace"]:
                 trace[t] = (best.to("cpu", copy=True), oracle.queries.to("cpu", copy=True))
             if state_file and time.monotonic() - saved >= STATE_SECONDS:
-                _save_state(state_file, {
+                save_atomic({
                     "fingerprint": fingerprint, "done": t, "generator": gen.get_state(), "trace": trace,
                     **{key: value.cpu() for key, value in dict(idx=idx, cur=cur, post=post, dist=dist, adv=adv,
-                                                               best=best, kind=kind, queries=oracle.queries).items()}})
+                                                               best=best, kind=kind, queries=oracle.queries).items()}},
+                    state_file)
                 saved = time.monotonic()
     if state_file:
         state_file.unlink(missing_ok=True)
@@ -333,6 +329,7 @@ def _attack(model, x, y, name, max_queries, seed, opts, state_file=None):
         pool_queries=0 if pool is None else len(pool),
         trace=trace,
         resumed_at=0 if state is None else state["done"],
+        iterations=done,
     )
 
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from . import attacks, models, regularizers
 from . import data as data_mod
 from . import placement as placement_mod
-from .robustness import eps_name
+from .robustness import DISTANCE_METRICS, radius_metric
 
 TASKS = ("supervised", "ssl", "transfer")
 # The names the schema accepts are the registries' (one source: registering an entry adds it here).
@@ -328,7 +328,8 @@ def reported_metrics(config: dict) -> dict[str, frozenset]:
     """The scalar metrics a run of a resolved config reports, besides `sigma/<layer>` (σ of the feature and
     regularized layers, wherever `alpha_hat` is): per phase (phase_epochs' names), those every epoch of it
     reports; under "final", those of the finished run (the last value of every epoch metric, the final
-    evaluation and, with an attack block, the robustness metrics). tests/test_config.py checks these
+    evaluation and, with an attack block, the robustness metrics; with the attack's `trace`, the distance
+    metrics' values after each traced iteration come apart, as `attack_trace`). tests/test_config.py checks these
     against what run_experiment emits for every task."""
     task, reg = config["task"], config["regularizer"]
     stage = reg.get("stage")
@@ -355,12 +356,9 @@ def reported_metrics(config: dict) -> dict[str, frozenset]:
     final |= {"source_acc"} if task == "transfer" else set()
     attack = config.get("attack")
     if attack:
-        radii = [f"adv_acc{among}_eps_{eps_name(e)}" for e in attack["eps"] for among in ("", "_correct")]
-        distances = {"adv_dist_median", "adv_dist_mean", "adv_dist_median_correct", "adv_auc", *radii}
-        final |= distances | {"attack_samples", "attack_queries_mean", "attack_pool_queries", "attack_seconds",
-                              "attack_resumed_at", "attack_start_failures", "attack_success_rate"}
-        for iteration in attack.get("trace") or ():  # where the attack reaches that iteration
-            final |= {f"iter{iteration}/{name}" for name in (*distances, "attack_queries_mean")}
+        radii = {radius_metric(e, among_correct) for e in attack["eps"] for among_correct in (False, True)}
+        final |= {*DISTANCE_METRICS, *radii, "attack_samples", "attack_queries_mean", "attack_pool_queries",
+                  "attack_seconds", "attack_resumed_at", "attack_start_failures", "attack_success_rate"}
     return {**phases, "final": frozenset(final)}
 
 

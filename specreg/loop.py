@@ -9,7 +9,6 @@ The data lives on the training device; per-batch sums stay there and are read on
 """
 import ctypes
 import math
-import os
 import random
 import time
 import warnings
@@ -24,6 +23,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import robustness, spectral
+from .files import load_state, save_atomic
 from .config import penalty_start, phase_epochs
 
 CHECKPOINT_FILE = "state.pt"
@@ -129,17 +129,12 @@ def encoder_metrics(regularizer, model, x_test, full: bool) -> dict:
 
 def save_checkpoint(directory, state: dict) -> Path:
     """Write the training state atomically: a crash mid-write leaves the previous checkpoint intact."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / (CHECKPOINT_FILE + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, directory / CHECKPOINT_FILE)
-    return directory / CHECKPOINT_FILE
+    return save_atomic(state, Path(directory) / CHECKPOINT_FILE)
 
 
 def load_checkpoint(directory) -> dict:
     """Read a state written by `save_checkpoint` (tensors and plain containers only)."""
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return load_state(Path(directory) / CHECKPOINT_FILE)
 
 
 @dataclass

@@ -1,19 +1,25 @@
 """Robustness metrics from minimal L2 adversarial distances found by a decision-based attack.
 
 Conventions: the first `samples` test points are attacked (at most the whole test set), or with
-`correct_only` the first `samples` correctly classified ones (Yang et al.'s protocol). Robust accuracy is
-reported both ways: `adv_acc_eps_E` over all test points, a misclassified point counting as distance 0
-(RobustBench), and `adv_acc_correct_eps_E` among the correctly classified points (the paper's distances are
-over those). With `correct_only`, the first is the clean accuracy times the second, and `adv_auc` likewise.
-Points with no starting point (the model predicted their class everywhere the attack looked) have distance
-inf but are never counted as robust: they lower every robust accuracy and the AUC, and are reported as
-`attack_start_failures`. `adv_dist_median` and `adv_dist_mean` are over the attacked points with a finite
-distance, `adv_dist_median_correct` over the correctly classified ones. The start pool (`start_pool`
+`correct_only` the first `samples` correctly classified ones (Yang et al.'s protocol). Robust accuracy at
+radius E is reported both ways: `acc_E` over all test points, a misclassified point counting as distance 0
+(RobustBench), and `kept_E`, the share of the correctly classified points still classified correctly within
+E (the paper's distances are over those). With `correct_only`, `acc_E` is the clean accuracy times `kept_E`,
+and `adv_auc` likewise. Points with no starting point (the model predicted their class everywhere the
+attack looked) have distance inf but are never counted as robust: they lower every robust accuracy and the
+AUC, and are reported as `attack_start_failures`. `med_dist` and `mean_dist` are over the attacked points
+with a finite distance, `med_dist_correct` over the correctly classified ones. The start pool (`start_pool`
 points, default 1000) is drawn with the seed from the test points not attacked; its one-off predictions are
 `attack_pool_queries`, apart from the per-point `attack_queries_mean`.
+
+Names are short and say what differs first (`acc_0.25`, `kept_0.25`, not `adv_acc_correct_eps_0.25`): a
+narrow MLflow column or chart title shows about nine characters. With an attack `trace`, `attack_trace` maps
+each traced iteration, and the last one done, to the distance metrics and `attack_queries_mean` after it (the
+platform logs them as the metrics' history, one step per iteration).
 """
 import math
 import numbers
+import re
 import time
 
 import numpy as np
@@ -22,6 +28,25 @@ import torch
 from . import attacks
 
 SPEC_DEFAULTS = {"seed": 0, "start_pool": 1000, "correct_only": False}
+DISTANCE_METRICS = ("med_dist", "mean_dist", "med_dist_correct", "adv_auc")
+RADIUS_METRIC = re.compile(r"^(acc|kept)_([0-9][0-9.]*)$")
+
+
+def radius_metric(eps: float, among_correct: bool = False) -> str:
+    """The name of robust accuracy at radius eps: `acc_<eps>` over all test points, `kept_<eps>` among the
+    correctly classified ones."""
+    return f"{'kept' if among_correct else 'acc'}_{eps_name(eps)}"
+
+
+def metric_radius(name: str) -> tuple[float, bool] | None:
+    """(eps, among_correct) of a robust-accuracy metric name, None for any other name."""
+    found = RADIUS_METRIC.match(name)
+    return None if found is None else (float(found.group(2)), found.group(1) == "kept")
+
+
+def is_attack_metric(name: str) -> bool:
+    """Whether a metric comes from the attack, so depends on its threat model."""
+    return name in DISTANCE_METRICS or name.startswith("attack_") or metric_radius(name) is not None
 
 
 def evaluate(model, test_data, attack_spec, state_file=None) -> dict:
@@ -73,15 +98,17 @@ def evaluate(model, test_data, attack_spec, state_file=None) -> dict:
 
     failed = np.array([kind == "none" for kind in result.start])
     was_correct = correct[attacked].numpy()
-    metrics = {"clean_acc": clean_acc, **_distance_metrics(result.distances.numpy(), failed, was_correct, eps,
-                                                           clean_acc if correct_only else None)}
-    for iteration, (distances, queries) in sorted(result.trace.items()):  # the attack's convergence
-        partial = _distance_metrics(distances.numpy(), failed, was_correct, eps, clean_acc if correct_only else None)
-        metrics.update({f"iter{iteration}/{key}": value for key, value in partial.items()})
-        metrics[f"iter{iteration}/attack_queries_mean"] = float(queries.double().mean())
+
+    def summary(distances, queries) -> dict:
+        return {**_distance_metrics(distances.numpy(), failed, was_correct, eps, clean_acc if correct_only else None),
+                "attack_queries_mean": float(queries.double().mean())}
+
+    metrics = {"clean_acc": clean_acc, **summary(result.distances, result.queries)}
+    if result.trace:  # the attack's convergence, ending with the full run
+        trace = {**result.trace, result.iterations: (result.distances, result.queries)}
+        metrics["attack_trace"] = {t: summary(*trace[t]) for t in sorted(trace)}
     metrics.update({
         "attack_samples": len(attacked),
-        "attack_queries_mean": float(result.queries.double().mean()),
         "attack_pool_queries": result.pool_queries,
         "attack_seconds": seconds,  # of this run: one that continued an interrupted attack took less
         "attack_resumed_at": result.resumed_at,
@@ -99,16 +126,16 @@ def _distance_metrics(dist, failed, was_correct, eps, clean_acc) -> dict:
     found = dist[np.isfinite(dist)]
     found_correct = dist[np.isfinite(dist) & was_correct]
     metrics = {
-        "adv_dist_median": float(np.median(found)) if len(found) else math.nan,
-        "adv_dist_mean": float(np.mean(found)) if len(found) else math.nan,
-        "adv_dist_median_correct": float(np.median(found_correct)) if len(found_correct) else math.nan,
+        "med_dist": float(np.median(found)) if len(found) else math.nan,
+        "mean_dist": float(np.mean(found)) if len(found) else math.nan,
+        "med_dist_correct": float(np.median(found_correct)) if len(found_correct) else math.nan,
     }
     # over all test points: the attacked sample's share, or clean accuracy × the share among correct ones
     for e in sorted(eps):
         among_correct = float(np.mean(robust_dist[was_correct] > e)) if was_correct.any() else math.nan
-        metrics[f"adv_acc_eps_{eps_name(e)}"] = float(np.mean(robust_dist > e)) if clean_acc is None \
+        metrics[radius_metric(e)] = float(np.mean(robust_dist > e)) if clean_acc is None \
             else clean_acc * among_correct
-        metrics[f"adv_acc_correct_eps_{eps_name(e)}"] = among_correct
+        metrics[radius_metric(e, among_correct=True)] = among_correct
     metrics["adv_auc"] = robust_auc(robust_dist, max(eps)) * (1.0 if clean_acc is None else clean_acc)
     return metrics
 

@@ -84,27 +84,32 @@ def test_correct_only_attacks_the_first_correct_points_and_reports_robustness_bo
     assert (dist / exact >= 1 - 1e-6).all() and (dist / exact).max() < 1.5  # they are those points
     for eps in ("0.02", "0.05"):
         among = np.mean(dist > float(eps))
-        assert metrics[f"adv_acc_correct_eps_{eps}"] == pytest.approx(among)
-        assert metrics[f"adv_acc_eps_{eps}"] == pytest.approx(clean * among)
-    assert metrics["adv_dist_median_correct"] == pytest.approx(np.median(dist))
+        assert metrics[f"kept_{eps}"] == pytest.approx(among)
+        assert metrics[f"acc_{eps}"] == pytest.approx(clean * among)
+    assert metrics["med_dist_correct"] == pytest.approx(np.median(dist))
 
     # the default protocol attacks the first points, misclassified ones at distance 0
     default = robustness.evaluate(model, (x, y), {**spec, "correct_only": False})
     d = default["distances"]
-    assert (d[[0, 3, 4, 10]] == 0).all() and default["adv_acc_eps_0.02"] == pytest.approx(np.mean(d > 0.02))
+    assert (d[[0, 3, 4, 10]] == 0).all() and default["acc_0.02"] == pytest.approx(np.mean(d > 0.02))
     correct = np.ones(20, bool)
     correct[[0, 3, 4, 10]] = False
-    assert default["adv_acc_correct_eps_0.02"] == pytest.approx(np.mean(d[correct] > 0.02))
-    assert default["adv_dist_median_correct"] == pytest.approx(np.median(d[correct]))
+    assert default["kept_0.02"] == pytest.approx(np.mean(d[correct] > 0.02))
+    assert default["med_dist_correct"] == pytest.approx(np.median(d[correct]))
 
 
-def test_trace_metrics_name_each_iteration():
+def test_trace_gives_the_distance_metrics_after_each_iteration_and_the_full_run():
     model, x, y = linear_problem(n=60)
     spec = {"name": "tangent", "samples": 12, "max_queries": None, "iterations": 4, "trace": [1, 2],
             "eps": [0.05], "progress": False}
     metrics = robustness.evaluate(model, (x, y), spec)
-    assert metrics["iter1/adv_dist_median"] >= metrics["iter2/adv_dist_median"] >= metrics["adv_dist_median"]
-    assert metrics["iter1/attack_queries_mean"] < metrics["iter2/attack_queries_mean"] < metrics["attack_queries_mean"]
+    trace = metrics["attack_trace"]
+    assert list(trace) == [1, 2, 4]
+    assert trace[1]["med_dist"] >= trace[2]["med_dist"] >= trace[4]["med_dist"]
+    assert trace[1]["attack_queries_mean"] < trace[2]["attack_queries_mean"] < trace[4]["attack_queries_mean"]
+    assert {k: trace[4][k] for k in trace[4]} == {k: metrics[k] for k in trace[4]}  # the last is the full run
+    assert set(trace[1]) == {"med_dist", "mean_dist", "med_dist_correct", "adv_auc", "acc_0.05", "kept_0.05",
+                             "attack_queries_mean"}
 
 
 DIGITS = {"data": {"name": "digits"}, "model": {"name": "slp", "width": 32},

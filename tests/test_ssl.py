@@ -83,7 +83,7 @@ def test_the_attack_runs_on_encoder_plus_probe(monkeypatch):
     model, = attacked
     assert isinstance(model, models.Classifier) and model.head[-1].out_features == 10
     assert all(m is not heads[0] for m in model.modules())  # the projector is discarded
-    assert "adv_acc_eps_1.0" in result and 0 < result["attack_queries_mean"] <= 100
+    assert "acc_1.0" in result and 0 < result["attack_queries_mean"] <= 100
     # the attacked classifier's clean accuracy on raw images is the probe's accuracy on frozen features
     assert result["clean_acc"] == pytest.approx(result["probe/test_acc"], abs=1e-6)
 

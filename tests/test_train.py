@@ -201,9 +201,9 @@ def test_the_attack_block_adds_robustness_metrics():
     cfg = config("rep-spectral", epochs=2)
     cfg["attack"] = {"name": "tangent", "samples": 20, "max_queries": 300, "eps": [0.5, 1.0]}
     result = specreg.run_experiment(cfg)
-    for key in ("adv_dist_median", "adv_acc_eps_0.5", "adv_acc_eps_1.0", "adv_auc", "attack_queries_mean"):
+    for key in ("med_dist", "acc_0.5", "acc_1.0", "adv_auc", "attack_queries_mean"):
         assert key in result
-    assert 0.0 <= result["adv_acc_eps_1.0"] <= result["adv_acc_eps_0.5"] <= 1.0
+    assert 0.0 <= result["acc_1.0"] <= result["acc_0.5"] <= 1.0
     assert result["attack_queries_mean"] <= 300
 
 

@@ -71,7 +71,7 @@ def test_the_attack_runs_on_the_target_classifier():
     cfg = config("probe")
     cfg["attack"] = {"name": "tangent", "samples": 10, "max_queries": 100, "eps": [0.5, 1.0]}
     result = specreg.run_experiment(cfg)
-    assert "adv_acc_eps_0.5" in result and result["attack_samples"] == 10
+    assert "acc_0.5" in result and result["attack_samples"] == 10
     assert result["clean_acc"] == pytest.approx(result["probe/test_acc"], abs=1e-6)
 
 

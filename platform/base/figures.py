@@ -281,7 +281,8 @@ def trial_figures(result: dict, eps: list[float]) -> dict[str, bytes]:
 
 
 def is_accuracy(metric: str) -> bool:
-    return metric.endswith("_acc") or "_acc_" in metric or metric == "adv_auc"
+    return (metric.endswith("_acc") or "_acc_" in metric or metric == "adv_auc"
+            or specreg.metric_radius(metric) is not None)
 
 
 def percent(metric: str, value: float) -> float:

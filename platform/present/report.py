@@ -91,7 +91,7 @@ def trials_table(data: SweepData) -> list[Block]:
 
 def best_table(data: SweepData, best: dict) -> list[Block]:
     metrics = ["clean_acc", *(eps_key(data.records, e) for e in data.eps),
-               *(m for m in ("adv_dist_median", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
+               *(m for m in ("med_dist", "alpha_hat", "sigma_sq_sum") if any(m in r.metrics for r in data.records))]
     rows = []
     for kind, record in best.items():
         settings = [fmt(record.params.get(f"regularizer.{key}", "—")) if kind != "none" else "—"
@@ -286,8 +286,8 @@ def paired_section(data: SweepData) -> list[Block]:
                             "mean, 95% percentile bootstrap interval, two-sided paired t-test p-value, "
                             "Holm-corrected within each metric.")]
     metrics = [o["metric"] for o in data.objectives]
-    if data.robust and "adv_dist_median" not in metrics:
-        metrics.append("adv_dist_median")  # the distance view of robustness, free of the choice of ε
+    if data.robust and "med_dist" not in metrics:
+        metrics.append("med_dist")  # the distance view of robustness, free of the choice of ε
     for metric in metrics:
         arms = {labels[r.run_id]: {s: m[metric] for s, (_, m) in data.seeds[r.run_id].items() if metric in m}
                 for r in records}

@@ -2,11 +2,11 @@
 robust accuracy's radii, with the queries that fetch seed runs and per-run arrays (`SweepData`)."""
 import json
 import math
-import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import specreg
 
 from ..track import connection, sweep_records  # connection first: it configures MLflow before importing it
 from ..base import figures
@@ -15,15 +15,14 @@ from .render import fmt
 from ..space.space import flatten
 from ..base.stats import bootstrap_interval
 
-EPS_METRIC = re.compile(r"^adv_acc_eps_([0-9.]+)$")
-
-
 def eps_values(records) -> list[float]:
-    return sorted({float(m.group(1)) for r in records for k in r.metrics if (m := EPS_METRIC.match(k))})
+    return sorted({specreg.metric_radius(k)[0] for r in records for k in r.metrics
+                   if sweep_records.is_robust_accuracy(k)})
 
 
 def eps_key(records, eps: float) -> str:
-    keys = {float(m.group(1)): k for r in records for k in r.metrics if (m := EPS_METRIC.match(k))}
+    keys = {specreg.metric_radius(k)[0]: k for r in records for k in r.metrics
+            if sweep_records.is_robust_accuracy(k)}
     if eps not in keys:
         raise BadInput(f"--eps: the trials report robust accuracy at {sorted(keys)}, not at {eps}")
     return keys[eps]
@@ -38,11 +37,11 @@ class SweepData:
         self.all = sweep_records.trials(mlflow, self.sweep)
         self.objectives = self.sweep.objectives
         self.records = sweep_records.rankable(self.all, ["clean_acc"])
-        robust = [o for o in self.objectives if sweep_records.is_robust(o["metric"])]
+        robust = [o for o in self.objectives if specreg.is_attack_metric(o["metric"])]
         self.eps = eps_values(self.records)
         if eps is not None:
             self.robust = eps_key(self.records, eps)
-        elif robust and EPS_METRIC.match(robust[0]["metric"]):
+        elif robust and sweep_records.is_robust_accuracy(robust[0]["metric"]):
             self.robust = robust[0]["metric"]
         else:
             self.robust = eps_key(self.records, self.eps[len(self.eps) // 2]) if self.eps else None
@@ -61,7 +60,7 @@ class SweepData:
         out: dict[str, dict] = {}
         for run in runs:
             out.setdefault(run.data.tags[connection.PARENT], {})[int(run.data.tags[connection.SEED])] = (
-                run.info.run_id, dict(run.data.metrics))
+                run.info.run_id, sweep_records.current_names(run.data.metrics))
         return out
 
     @staticmethod

@@ -5,10 +5,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import specreg
+
 from ..track import connection
 from ..base.errors import BadInput
 from ..track.sweep_records import (CONFIRMED_BY, CONFIRMS_RUN, Sweep, TrialRecord, all_sweeps, baseline, best,
-                                   compared, differences, find_sweep, front_files, is_robust, pareto, rankable,
+                                   compared, differences, find_sweep, front_files, pareto, rankable,
                                    summary_markdown, trial_record, trial_runs, trials, write_parquet)
 
 
@@ -26,7 +28,7 @@ def runs_table(mlflow, name: str | None = None, sort: str | None = None, limit: 
     metrics = list(dict.fromkeys([*modes, *([sort] if sort else [])]))
     if sort:
         valued = [r for r in records if math.isfinite(r.metrics.get(sort, math.nan))]
-        if is_robust(sort) and len({r.threat_model for r in valued}) > 1:
+        if specreg.is_attack_metric(sort) and len({r.threat_model for r in valued}) > 1:
             raise BadInput(f"--sort {sort}: the trials were attacked under different threat models "
                            f"({', '.join(sorted({r.threat_model for r in valued}))}); rank one sweep at a time")
         valued.sort(key=lambda r: r.metrics[sort], reverse=modes.get(sort, "max") == "max")

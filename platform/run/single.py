@@ -3,7 +3,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..track import connection, run_files, tracking
+from ..track import connection, run_files, sweep_records, tracking
 from ..space.space import check_name, total_epochs, validated
 
 
@@ -57,9 +57,11 @@ def train_one(config: dict, name: str, mlflow_uri: str | None, storage: Path) ->
     except BaseException:
         run.end("KILLED", "killed")
         raise
-    run.log_metrics(tracking.final_metrics(result), step=result["epoch"])
+    for step, metrics in tracking.final_metrics(result):
+        run.log_metrics(metrics, step=step)
     run.log_files(run_files.result_files(resolved, result, checkpoint_dir))
     run.end("FINISHED", "finished")
-    shown = {k: v for k, v in tracking.scalars(result).items() if k == "clean_acc" or k.startswith("adv_")}
+    shown = {k: v for k, v in tracking.scalars(result).items() if k in ("clean_acc", "med_dist", "adv_auc")
+             or sweep_records.is_robust_accuracy(k)}
     print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" (MLflow run {run.run_id}, {uri})")
     return 0

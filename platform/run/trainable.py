@@ -143,7 +143,8 @@ class Trial:
                         {connection.TRIAL_ID: self.trial_id, connection.SEED: seed})
                     self.current.log_params(tracking.run_params(seed_config))
                 result = self._train(seed_config, self.current)
-                self.current.log_metrics(tracking.final_metrics(result), step=result["epoch"])
+                for step, metrics in tracking.final_metrics(result):
+                    self.current.log_metrics(metrics, step=step)
                 self.current.log_files(run_files.result_files(seed_config, result, self.work / TRAIN_DIR))
                 self.state["results"].append(tracking.scalars(result))
                 if self.multi:

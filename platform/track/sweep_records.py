@@ -3,11 +3,13 @@ best config, the Pareto front, the differences from the baseline, the summary, a
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import specreg
 import yaml
 
 from . import connection
@@ -22,7 +24,24 @@ SEEDS = "specreg.seeds"
 CONFIRMED_BY = "specreg.confirmed_by"
 CONFIRMS = "specreg.confirms"
 CONFIRMS_RUN = "specreg.confirms_run"
-ROBUST_PREFIX = "adv_acc_eps_"        # robust accuracy at a radius: adv_acc_eps_<ε>
+# The metric names stores had before the short ones (`acc_0.5`, `kept_0.5`, `med_dist`): such a store still
+# reads, under today's names.
+LEGACY_METRICS = [(re.compile(r"adv_acc_correct_eps_([0-9.]+)$"), r"kept_\1"),
+                  (re.compile(r"adv_acc_eps_([0-9.]+)$"), r"acc_\1"),
+                  (re.compile(r"adv_dist_median_correct$"), "med_dist_correct"),
+                  (re.compile(r"adv_dist_median$"), "med_dist"), (re.compile(r"adv_dist_mean$"), "mean_dist")]
+
+
+def current_name(metric: str) -> str:
+    """A metric's name as this version logs it (`iter40/adv_dist_median`, an old attack trace, keeps its
+    `iter40/`)."""
+    for old, new in LEGACY_METRICS:
+        metric = old.sub(new, metric)
+    return metric
+
+
+def current_names(metrics: dict) -> dict:
+    return {current_name(k): v for k, v in metrics.items()}
 
 
 @dataclass
@@ -57,11 +76,6 @@ class Sweep:
     seeds: list[int]
 
 
-def is_robust(metric: str) -> bool:
-    """Whether a metric depends on the threat model."""
-    return metric.startswith(("adv_", "attack_"))
-
-
 def find_sweep(mlflow, name: str) -> Sweep:
     """The latest sweep run under that name; BadInput if there is none."""
     experiment = connection.retry(mlflow.get_experiment_by_name, name)
@@ -71,7 +85,8 @@ def find_sweep(mlflow, name: str) -> Sweep:
     if not runs:
         raise BadInput(f"no sweep named {name!r} in the MLflow store {mlflow.tracking_uri}")
     tags = runs[0].data.tags
-    return Sweep(name, experiment.experiment_id, runs[0].info.run_id, json.loads(tags.get(OBJECTIVES, "[]")),
+    objectives = [{**o, "metric": current_name(o["metric"])} for o in json.loads(tags.get(OBJECTIVES, "[]"))]
+    return Sweep(name, experiment.experiment_id, runs[0].info.run_id, objectives,
                  json.loads(tags.get(SEARCH_KEYS, "[]")), json.loads(tags.get(SEEDS, "[]")))
 
 
@@ -109,7 +124,7 @@ def trial_record(sweep_name: str, run) -> TrialRecord:
     """A trial's MLflow run as a TrialRecord."""
     return TrialRecord(sweep_name, run.info.run_id, run.data.tags.get(connection.TRIAL_ID, ""), run.info.status,
                        run.data.tags.get(connection.OUTCOME, ""), dict(run.data.params),
-                       json.loads(run.data.tags.get(connection.SEARCHED, "{}")), dict(run.data.metrics),
+                       json.loads(run.data.tags.get(connection.SEARCHED, "{}")), current_names(run.data.metrics),
                        run.info.start_time, run.info.end_time, run.data.tags.get(connection.THREAT_MODEL, "none"))
 
 
@@ -117,7 +132,7 @@ def rankable(records: list[TrialRecord], metrics: list[str]) -> list[TrialRecord
     """Finished trials with a finite value for every metric; refuse to mix threat models."""
     ok = [r for r in records if r.status == "FINISHED"
           and all(math.isfinite(r.metrics.get(m, math.nan)) for m in metrics)]
-    if any(is_robust(m) for m in metrics):
+    if any(specreg.is_attack_metric(m) for m in metrics):
         models = sorted({r.threat_model for r in ok})
         if len(models) > 1:
             raise BadInput(f"these trials were attacked under different threat models ({', '.join(models)}); "
@@ -233,13 +248,19 @@ def point_outcomes(distances: np.ndarray, metric: str) -> np.ndarray:
     distance > 0) or robust at ε (a finite distance > ε; inf means no start point, never robust)."""
     if metric == "clean_acc":
         return (distances > 0).astype(float)
-    eps = float(metric.removeprefix(ROBUST_PREFIX))
+    eps, _ = specreg.metric_radius(metric)
     return (np.isfinite(distances) & (distances > eps)).astype(float)
 
 
 def compared(metrics) -> list[str]:
     """The metrics a difference from the baseline is given for: clean and robust accuracy."""
-    return [m for m in metrics if m == "clean_acc" or m.startswith(ROBUST_PREFIX)]
+    return [m for m in metrics if m == "clean_acc" or is_robust_accuracy(m)]
+
+
+def is_robust_accuracy(metric: str) -> bool:
+    """Robust accuracy over all test points at a radius (`acc_<ε>`)."""
+    radius = specreg.metric_radius(metric)
+    return radius is not None and not radius[1]
 
 
 def baseline(records: list[TrialRecord]) -> TrialRecord | None:

@@ -21,7 +21,7 @@ from .journal import append, reachable
 from ..space.space import flatten
 from ..base.stats import mean_interval
 
-ARRAY_KEYS = ("history", "distances", "spectrum")
+ARRAY_KEYS = ("history", "distances", "spectrum", "attack_trace")
 
 
 def git_commit() -> str:
@@ -91,10 +91,15 @@ def scalars(metrics: dict) -> dict[str, float]:
             if k not in ARRAY_KEYS and isinstance(v, (int, float))}
 
 
-def final_metrics(result: dict) -> dict[str, float]:
-    """The scalars of a finished run that its last epoch did not already log."""
+def final_metrics(result: dict) -> list[tuple[int, dict[str, float]]]:
+    """What a finished run logs after its epochs, as (step, metrics): at its last epoch, the scalars that
+    epoch did not log; the metrics the attack traced, as a history with one step per attack iteration (the
+    last step is the full attack, so MLflow shows its value as the metric's)."""
     last_epoch = result["history"][-1] if result.get("history") else {}
-    return {k: v for k, v in scalars(result).items() if k not in last_epoch}
+    trace = result.get("attack_trace") or {}
+    traced = set().union(*trace.values())
+    final = {k: v for k, v in scalars(result).items() if k not in last_epoch and k not in traced}
+    return [(result["epoch"], final)] + [(int(t), scalars(values)) for t, values in sorted(trace.items())]
 
 
 def aggregate(results: list[dict]) -> dict[str, float]:

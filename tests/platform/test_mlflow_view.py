@@ -1,12 +1,16 @@
 """What a user sees of a sweep in MLflow and on the terminal (issue 15, items 4 and 5): a quiet start, an
 experiment of MLflow's training kind, readable run names, only the params a trial used, the sweep's
-description, and a store that still works after it was copied or moved."""
+description, metric names a narrow column tells apart, an attack's trace as its metrics' history, and a
+store that still works after it was copied or moved, or was written before today's metric names."""
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 from mlflow import MlflowClient
@@ -30,7 +34,8 @@ def swept(tmp_path_factory):
         "regularizer.strength": {"choice": [0.01], "when": {"regularizer.kind": ["rep-spectral", "spectral-decay"]}},
         "regularizer.target_exponent": {"choice": [1.5], "when": {"regularizer.kind": ["spectral-decay"]}},
         "regularizer.placement": {"choice": ["upto:1"], "when": {"regularizer.kind": ["rep-spectral"]}}})
-    space["base"] = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 1}}
+    space["base"] = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 1},
+                     "attack": {**TINY_BASE["attack"], "max_queries": None, "iterations": 3, "trace": [1, 2]}}
     space.pop("samples")
     write_yaml(folder / "space.yaml", space)
     done = subprocess.run([sys.executable, "-c", "from specreg_platform.cli import main; main()", "sweep",
@@ -79,6 +84,66 @@ def test_the_sweep_run_describes_the_space_and_its_result(swept):
     note = swept["parent"].data.tags["mlflow.note.content"]
     assert note.startswith(DESCRIPTION)
     assert "trials: 3 (3 finished)" in note and "clean_acc" in note
+
+
+def shown(name: str, width: int = 9) -> str:
+    """A metric name as a narrow MLflow column or chart title shows it: MLflow 3.17's charts, three to a row
+    in a 1600-pixel window, show about nine characters and an ellipsis (docs/screenshots/mlflow-charts.png)."""
+    return name if len(name) <= width else name[:width] + "…"
+
+
+def test_metric_names_stay_distinct_in_a_narrow_column(swept):
+    for kind, run in swept["trials"].items():
+        names = sorted(run.data.metrics)
+        assert {"acc_0.5", "kept_0.5", "acc_1.0", "kept_1.0", "med_dist", "med_dist_correct", "mean_dist",
+                "adv_auc", "clean_acc", "attack_queries_mean", "attack_samples"} <= set(names), names
+        seen = {}
+        for name in names:
+            assert shown(name) not in seen, f"{kind}: {name!r} and {seen.get(shown(name))!r} both show as {shown(name)!r}"
+            seen[shown(name)] = name
+
+
+def test_the_attack_trace_is_each_metrics_history_ending_with_the_full_attack(swept, tmp_path):
+    """The attack traced iterations 1 and 2 of 3: each distance metric has steps 1, 2, 3, MLflow's value is
+    the last (checked against the trial's own distances.npy), and distances only shrink as it goes on."""
+    mlflow = swept["mlflow"]
+    for kind, run in swept["trials"].items():
+        assert not [k for k in run.data.metrics if k.startswith("iter")]
+        history = sorted(mlflow.get_metric_history(run.info.run_id, "med_dist"), key=lambda p: p.step)
+        assert [p.step for p in history] == [1, 2, 3]
+        assert history[0].value >= history[1].value >= history[2].value
+        assert run.data.metrics["med_dist"] == history[-1].value
+        distances = np.load(mlflow.download_artifacts(run.info.run_id, "distances.npy", str(tmp_path)))
+        assert run.data.metrics["med_dist"] == pytest.approx(np.median(distances[np.isfinite(distances)]))
+        queries = sorted(mlflow.get_metric_history(run.info.run_id, "attack_queries_mean"), key=lambda p: p.step)
+        assert [p.step for p in queries] == [1, 2, 3] and queries[0].value < queries[1].value < queries[2].value
+
+
+OLD_NAMES = {"acc_0.5": "adv_acc_eps_0.5", "kept_1.0": "adv_acc_correct_eps_1.0", "med_dist": "adv_dist_median",
+             "med_dist_correct": "adv_dist_median_correct", "mean_dist": "adv_dist_mean"}
+
+
+def test_a_store_written_before_the_short_names_reads_under_them(swept, tmp_path):
+    """A copy of the store with its metrics renamed in SQLite to the names of before (and an objective on one
+    of them): `runs` lists them under today's names, and ranks by the old objective."""
+    copy = tmp_path / "old"
+    shutil.copytree(swept["folder"], copy, ignore=shutil.ignore_patterns("specreg-runs"))
+    with sqlite3.connect(copy / "mlruns.db") as db:
+        for new, old in OLD_NAMES.items():
+            for table in ("metrics", "latest_metrics"):
+                db.execute(f"UPDATE {table} SET key = ? WHERE key = ?", (old, new))
+        objectives = json.dumps([{"metric": "adv_acc_eps_0.5", "mode": "max"}])
+        db.execute("UPDATE tags SET value = ? WHERE key = 'specreg.objectives'", (objectives,))
+    old = MlflowClient(f"sqlite:///{copy / 'mlruns.db'}")
+    run = old.get_run(swept["trials"]["none"].info.run_id)
+    assert "adv_acc_eps_0.5" in run.data.metrics and "acc_0.5" not in run.data.metrics  # the old store
+    listed = cli("runs", "view", "--format", "json", "--mlflow", copy / "mlruns.db")
+    assert listed.exit_code == 0, listed.output
+    rows = {row["regularizer.kind"]: row for row in json.loads(listed.output)}
+    for kind, row in rows.items():
+        metrics = swept["trials"][kind].data.metrics
+        assert row["acc_0.5"] == pytest.approx(metrics["acc_0.5"])
+        assert not [k for k in row if k.startswith("adv_acc") or k.startswith("adv_dist")]
 
 
 def _snapshot(folder: Path) -> dict:

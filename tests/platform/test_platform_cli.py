@@ -16,7 +16,7 @@ def _only(tmp_path, *names):
     ({"search": {"regularizer.placement": {"choice": ["upto:9"]}}}, "search.regularizer.placement"),
     ({"search": {"regularizer.strength": {"uniform": [0.1, 0.01]}}}, "inverted range"),
     ({"search": {"regularizer.strength": {"uniform": [-1.0, 0.1]}}}, "search.regularizer.strength"),
-    ({"objectives": [{"metric": "adv_acc_eps_9.0", "mode": "max"}]}, "no trial reports"),
+    ({"objectives": [{"metric": "acc_9.0", "mode": "max"}]}, "no trial reports"),
     ({"base": {**TINY_BASE, "train": {"epochs": 0}}}, "base: train.epochs"),
 ])
 def test_bad_space_exits_2_and_creates_nothing(tmp_path, monkeypatch, change, fragment):

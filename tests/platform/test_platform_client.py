@@ -106,7 +106,7 @@ def test_smoke_sweep_through_ray_client(tmp_path, head_node):
     trials = sweep_records.trials(mlflow, sweep)
     assert len(trials) == 2 and {t.status for t in trials} == {"FINISHED"}
     for trial in trials:
-        assert "clean_acc" in trial.metrics and "adv_acc_eps_1.0" in trial.metrics
+        assert "clean_acc" in trial.metrics and "acc_1.0" in trial.metrics
         assert {"config.yaml", "model.pt", "distances.npy"} <= {a.path for a in mlflow.list_artifacts(trial.run_id)}
     assert mlflow.get_run(sweep.parent_run_id).info.status == "FINISHED"
     assert not mlflow.search_runs([sweep.experiment_id], "attributes.status = 'RUNNING'")

@@ -41,7 +41,7 @@ def test_quarter_gpu_trials_share_one_gpu_four_at_a_time(tmp_path, store, one_gp
         tags = mlflow.get_run(trial.run_id).data.tags
         assert json.loads(tags["specreg.resources"]) == {"CPU": 0.5, "GPU": 0.25}
         assert tags["specreg.device"] == device
-        assert "clean_acc" in trial.metrics and "adv_acc_eps_1.0" in trial.metrics
+        assert "clean_acc" in trial.metrics and "acc_1.0" in trial.metrics
 
 
 def test_more_gpus_than_a_node_has_exit_2(tmp_path, monkeypatch, one_gpu):

@@ -59,7 +59,7 @@ def test_trials_run_on_both_workers_and_every_run_reaches_the_server(tmp_path, t
     nodes = {mlflow.get_run(t.run_id).data.tags["specreg.ray_node_id"] for t in trials}
     assert nodes == two_worker_cluster
     for trial in trials:
-        assert "clean_acc" in trial.metrics and "adv_acc_eps_1.0" in trial.metrics
+        assert "clean_acc" in trial.metrics and "acc_1.0" in trial.metrics
         assert {"config.yaml", "model.pt", "distances.npy"} <= {a.path for a in mlflow.list_artifacts(trial.run_id)}
     assert mlflow.get_run(sweep.parent_run_id).info.status == "FINISHED"
     assert not mlflow.search_runs([sweep.experiment_id], "attributes.status = 'RUNNING'")

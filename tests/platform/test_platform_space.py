@@ -130,7 +130,7 @@ def test_cluster_yaml_passes_rays_own_schema(tmp_path):
     ({"search": {"train.lr": {"choice": [0.1], "when": {"regularizer.kind": ["rep"]}}}}, "never"),
     ({"search": {"attack.max_queries": {"choice": [10, 20]}}}, "threat model"),
     ({"search": {"train.nesterov": {"choice": [True]}}}, "search.train.nesterov: not a key"),
-    ({"objectives": [{"metric": "adv_acc_eps_3.0"}]}, "no trial reports 'adv_acc_eps_3.0'"),
+    ({"objectives": [{"metric": "acc_3.0"}]}, "no trial reports 'acc_3.0'"),
     ({"objectives": [{"metric": "clean_acc"}, {"metric": "adv_auc"}], "scheduler": {"name": "asha"}},
      "asha needs a single objective"),
     ({"scheduler": {"name": "asha"}, "objectives": [{"metric": "adv_auc"}]}, "only known at the end"),
@@ -167,10 +167,10 @@ def test_searcher_prunes_early_stopped_trials_and_records_a_trial_finished_after
     spec, _ = load_space(SPACES / "quickstart.yaml")
     searcher = make_searcher(spec)
     searcher.suggest("stopped")
-    searcher.on_trial_complete("stopped", {"clean_acc": 0.3, "adv_acc_eps_0.5": float("nan")})
+    searcher.on_trial_complete("stopped", {"clean_acc": 0.3, "acc_0.5": float("nan")})
     config = searcher.suggest("crashed")
     searcher.on_trial_complete("crashed", None, error=True)
-    searcher.on_trial_complete("crashed", {FINAL: 1, "clean_acc": 0.9, "adv_acc_eps_0.5": 0.4})
+    searcher.on_trial_complete("crashed", {FINAL: 1, "clean_acc": 0.9, "acc_0.5": 0.4})
     states = [(t.state.name, t.values) for t in searcher._ot_study.trials]
     assert states == [("PRUNED", None), ("FAIL", None), ("COMPLETE", [0.9, 0.4])]
     assert searcher._ot_study.trials[-1].params == config
@@ -202,7 +202,7 @@ def test_searcher_enqueues_the_baseline_first_and_never_repeats_a_config():
     asked = []
     for index in range(24):
         asked.append(searcher.suggest(str(index)))
-        searcher.on_trial_complete(str(index), {FINAL: 1, "clean_acc": 0.9, "adv_acc_eps_0.5": 0.5})
+        searcher.on_trial_complete(str(index), {FINAL: 1, "clean_acc": 0.9, "acc_0.5": 0.5})
     assert asked[0] == {"regularizer.kind": "none"}
     assert len({json.dumps(config, sort_keys=True) for config in asked}) == len(asked)
 

@@ -50,7 +50,7 @@ def test_quickstart_sweep_tracks_four_finished_trials(quick):
     for trial in trials:
         assert {"regularizer.kind", "train.lr", "attack.name", "attack.max_queries", "attack.samples",
                 "attack.norm"} <= set(trial.params)
-        assert {"clean_acc", "adv_acc_eps_0.5", "adv_dist_median", "adv_auc", "alpha_hat", "train_loss"} <= set(
+        assert {"clean_acc", "acc_0.5", "med_dist", "adv_auc", "alpha_hat", "train_loss"} <= set(
             trial.metrics)
         assert [m.step for m in mlflow.get_metric_history(trial.run_id, "test_acc")] == [1, 2]
         artifacts = {a.path for a in mlflow.list_artifacts(trial.run_id)}
@@ -88,9 +88,9 @@ def test_export_writes_best_pareto_parquet_and_summary(quick, store):
     assert len(table) == 4 and {r["status"] for r in table} == {"FINISHED"}
     assert all(r["mlflow_run_id"] and r["duration_s"] > 0 for r in table)
     front = yaml.safe_load((out / "pareto.yaml").read_text())
-    points = [(r["metric.clean_acc"], r["metric.adv_acc_eps_0.5"]) for r in table]
+    points = [(r["metric.clean_acc"], r["metric.acc_0.5"]) for r in table]
     for member in front:
-        a, b = member["metrics"]["clean_acc"], member["metrics"]["adv_acc_eps_0.5"]
+        a, b = member["metrics"]["clean_acc"], member["metrics"]["acc_0.5"]
         assert not any(x >= a and y >= b and (x, y) != (a, b) for x, y in points)
     dominated = [p for p in points if any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
     assert len(front) == len(points) - len(dominated)
@@ -114,7 +114,7 @@ def test_runs_lists_trials_as_table_csv_and_json(quick, store):
     result = cli("runs", "quickstart", "--sort", "clean_acc", "--format", "json", "--mlflow", store)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 4 and {"trial", "status", "regularizer.kind", "clean_acc", "adv_acc_eps_0.5"} <= set(rows[0])
+    assert len(rows) == 4 and {"trial", "status", "regularizer.kind", "clean_acc", "acc_0.5"} <= set(rows[0])
     accs = [r["clean_acc"] for r in rows]
     assert accs == sorted(accs, reverse=True)
     result = cli("runs", "quickstart", "--limit", "2", "--format", "csv", "--mlflow", store)
@@ -138,7 +138,7 @@ def test_the_baseline_runs_once_and_runs_and_summary_compare_every_trial_with_it
 
     for trial in trials:
         row = rows[trial.trial_id]
-        delta = [row[f"Δ adv_acc_eps_0.5{end}"] for end in ("", " low", " high", " within noise")]
+        delta = [row[f"Δ acc_0.5{end}"] for end in ("", " low", " high", " within noise")]
         if trial is base:
             assert delta == [None] * 4
             continue
@@ -147,7 +147,7 @@ def test_the_baseline_runs_once_and_runs_and_summary_compare_every_trial_with_it
         assert low <= mean <= high and noise == (low <= 0 <= high)
         assert row["Δ clean_acc"] is not None
     table = cli("runs", "quickstart", "--mlflow", store).output
-    assert "Δ adv_acc_eps_0.5 (pp)" in table and re.search(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", table)
+    assert "Δ acc_0.5 (pp)" in table and re.search(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", table)
     out = quick["tmp"] / "export-versus"
     assert cli("export", "quickstart", "--out", out, "--mlflow", store).exit_code == 0
     summary = (out / "summary.md").read_text()
@@ -200,7 +200,7 @@ def test_shared_burnin_trains_each_prefix_once_and_matches_training_from_scratch
     scratch = _sweep(ablation["tmp"], space, store)
     (trial,) = scratch["trials"]
     assert "specreg.burnin" not in mlflow.get_run(trial.run_id).data.tags
-    for metric in ("train_loss", "train_acc", "clean_acc", "adv_dist_median", "adv_acc_eps_0.5", "adv_auc"):
+    for metric in ("train_loss", "train_acc", "clean_acc", "med_dist", "acc_0.5", "adv_auc"):
         assert trial.metrics[metric] == cached.data.metrics[metric], metric
     # The logged σ_max is iterated to a tolerance from a warm start that the prefix does not carry over.
     assert trial.metrics["sigma_sq_sum"] == pytest.approx(cached.data.metrics["sigma_sq_sum"], rel=1e-5)

@@ -37,7 +37,7 @@ def tiny(tmp_path_factory, store):
                                    "regularizer.kind": ["rep-spectral"]}},
                                "train.lr": {"grid": [0.05, 0.1]}},
                        objectives=[{"metric": "clean_acc", "mode": "max"},
-                                   {"metric": "adv_acc_eps_0.5", "mode": "max"}])
+                                   {"metric": "acc_0.5", "mode": "max"}])
     space["base"]["train"] = {**TINY_BASE["train"], "seed": 0}
     result = cli("sweep", write_yaml(tmp / "rq.yaml", space), "--mlflow", store, "--storage", tmp / "runs",
                  "--max-concurrent", "2")
@@ -118,7 +118,7 @@ def test_html_report_lists_every_trial_against_the_baseline_rounded_and_linked(t
     header, *rows = next(t for t in page.tables if [c["text"] for c in t[0]["cells"]][:1] == ["trial"]
                          and "outcome" in [c["text"] for c in t[0]["cells"]])
     columns = [c["text"] for c in header["cells"]]
-    assert columns[-2:] == ["Δ clean_acc (pp)", "Δ adv_acc_eps_0.5 (pp)"]
+    assert columns[-2:] == ["Δ clean_acc (pp)", "Δ acc_0.5 (pp)"]
     mlflow = tiny["mlflow"]
     trials = {r.trial_id: r for r in sweep_records.trials(mlflow, tiny["sweep"])}
     assert len(rows) == len(trials) == 6
@@ -135,7 +135,7 @@ def test_html_report_lists_every_trial_against_the_baseline_rounded_and_linked(t
             assert cells["regularizer.strength"]["text"] == f"{trial.searched['regularizer.strength']:.3g}"
         if row is base:
             continue
-        cell = cells["Δ adv_acc_eps_0.5 (pp)"]
+        cell = cells["Δ acc_0.5 (pp)"]
         found = re.fullmatch(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]( ≈)?", cell["text"])
         assert found, cell["text"]
         distances = _distances(mlflow, trial.run_id)
@@ -152,10 +152,10 @@ def test_figures_use_a_colour_blind_safe_palette_and_readable_axes():
     assert len(set(colours)) == len(colours) and set(colours) <= okabe_ito
     assert len({figures.marker(kind) for kind in figures.KINDS}) == len(figures.KINDS)
     high = [{"kind": "none", "clean": c, "robust": r} for c, r in [(0.99, 0.97), (1.0, 1.0), (0.995, 0.99)]]
-    (ax,) = figures.tradeoff(high, [], "adv_acc_eps_0.5").axes
+    (ax,) = figures.tradeoff(high, [], "acc_0.5").axes
     assert ax.get_ylim()[1] <= 100 and ax.get_xlim()[1] <= 100
     points = [{"kind": "rep-spectral", "alpha_hat": 1 + i / 10, "sigma_sq_sum": 2.0 + i, "robust": 0.5} for i in range(5)]
-    figure = figures.structure(points, "adv_acc_eps_0.5", {})
+    figure = figures.structure(points, "acc_0.5", {})
     figure.canvas.draw()
     ax = figure.axes[1]  # Σσ² from 2 to 6: less than a decade on a log axis
     left, right = ax.get_xlim()
@@ -191,7 +191,7 @@ def test_pareto_table_holds_exactly_the_non_dominated_trials(tiny):
     section = (out / "report.md").read_text().split("## Pareto front")[1].split("\n## ")[0]
     listed = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")} - {"trial"}
     runs = tiny["mlflow"].search_runs([tiny["sweep"].experiment_id], "tags.`specreg.role` = 'trial'")
-    points = {r.data.tags["specreg.trial_id"]: (r.data.metrics["clean_acc"], r.data.metrics["adv_acc_eps_0.5"])
+    points = {r.data.tags["specreg.trial_id"]: (r.data.metrics["clean_acc"], r.data.metrics["acc_0.5"])
               for r in runs}
     assert len(points) == 6
     non_dominated = {t for t, (a, b) in points.items()

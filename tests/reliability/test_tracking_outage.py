@@ -95,7 +95,7 @@ def test_server_killed_mid_sweep_trials_finish_and_sync_sends_their_results(tmp_
         assert len(runs) == 2
         for run in runs:
             assert run.info.status == "FINISHED" and run.data.tags["specreg.outcome"] == "finished"
-            assert "clean_acc" in run.data.metrics and "adv_acc_eps_1.0" in run.data.metrics
+            assert "clean_acc" in run.data.metrics and "acc_1.0" in run.data.metrics
             steps = sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "train_loss"))
             assert steps == list(range(1, EPOCHS + 1))
             assert "model.pt" in [f.path for f in mlflow.list_artifacts(run.info.run_id)]

@@ -61,7 +61,7 @@ def test_a_trial_that_fails_once_resumes_from_its_checkpoint_in_the_same_run(fai
     # logging into the same run (one value per epoch, none twice).
     history = failing["mlflow"].get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
-    assert "clean_acc" in run.data.metrics and "adv_acc_eps_1.0" in run.data.metrics
+    assert "clean_acc" in run.data.metrics and "acc_1.0" in run.data.metrics
 
 
 def test_a_trial_failing_past_max_failures_ends_failed_with_its_error(failing):
