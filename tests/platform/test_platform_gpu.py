@@ -26,7 +26,9 @@ def one_gpu():
 
 def test_quarter_gpu_trials_share_one_gpu_four_at_a_time(tmp_path, store, one_gpu):
     space = tiny_space("quarter-gpu", samples=4, resources={"cpu": 0.5, "gpu": 0.25})
-    space["base"]["train"]["epochs"] = 4
+    # Trials long enough (10-15 s on 2 loaded cores) to outlast Ray's staggered worker starts (up to ~3 s).
+    space["base"]["train"]["epochs"] = 8
+    space["base"]["attack"].update(samples=60, max_queries=2000)
     result = cli("sweep", write_yaml(tmp_path / "space.yaml", space), "--mlflow", store, "--storage", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert "up to 4 at a time" in result.output

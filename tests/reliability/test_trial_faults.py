@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 import pytest
+import specreg
 import yaml
 from mlflow import MlflowClient
 from ray import tune
@@ -97,7 +98,8 @@ def test_a_trial_failing_mid_attack_continues_its_attack_to_the_uninterrupted_re
     # The retry restored the final checkpoint and continued the attack from its kept progress (a restart
     # would report 0), to the same distances as the trial that was never interrupted.
     assert failed["attack_resumed_at"] >= 1 and healthy["attack_resumed_at"] == 0
-    attack_metrics = [k for k in healthy if k.startswith("adv_") or k == "attack_queries_mean"]
+    attack_metrics = [k for k in healthy
+                      if specreg.is_attack_metric(k) and k not in ("attack_seconds", "attack_resumed_at")]
     assert len(attack_metrics) >= 6 and all(failed[k] == healthy[k] for k in attack_metrics)
     assert not any((attack_failing["dir"] / "attack-state").glob("*.pt")), "progress files left behind"
 
