@@ -13,7 +13,7 @@ from .config import (AttackSpec, ConfigError, DataSpec, ExperimentConfig, ModelS
 from .data import DATASETS, DatasetNotFound, check_available, dataset_options
 from .loop import CHECKPOINT_FILE, resolve_device
 from .models import MODELS, model_options
-from .regularizers import REGULARIZERS, regularizer_options
+from .regularizers import REGULARIZERS, is_sigma_metric, regularizer_options
 from .robustness import is_attack_metric, metric_radius, radius_metric
 from .train import Diverged, load_checkpoint, run_experiment, run_resolved, save_checkpoint
 
@@ -29,5 +29,5 @@ __all__ = [
     "REGULARIZERS", "regularizer_options", "MODELS", "model_options", "DATASETS", "dataset_options",
     "check_available", "DatasetNotFound", "ATTACKS", "attack_options", "validate_attack",
     # the names of reported metrics
-    "radius_metric", "metric_radius", "is_attack_metric",
+    "radius_metric", "metric_radius", "is_attack_metric", "is_sigma_metric",
 ]

@@ -118,12 +118,13 @@ def finite_or_none(value: float):
 
 
 def encoder_metrics(regularizer, model, x_test, full: bool) -> dict:
-    """σ_max of every feature and regularized layer (`sigma/<name>`) and α̂ of the feature spectrum; nothing
-    unless `full` (the epochs `train.eval_every` skips)."""
+    """σ_max of every feature and regularized layer (`sigma_K`: the K-th weight layer in forward order, as
+    `upto:K` counts) and α̂ of the feature spectrum; nothing unless `full` (the epochs `train.eval_every`
+    skips)."""
     if not full:
         return {}
     spectrum = feature_spectrum(model, x_test)
-    return {**{f"sigma/{name}": value for name, value in regularizer.layer_norms(model).items()},
+    return {**{regularizer.sigma_names[name]: value for name, value in regularizer.layer_norms(model).items()},
             "alpha_hat": finite_or_none(spectral.fit_power_law(spectrum))}
 
 
@@ -307,7 +308,7 @@ class Run:
         spectrum = feature_spectrum(model, x_test)
         final["spectrum"] = spectrum.tolist()
         final["alpha_hat"] = finite_or_none(spectral.fit_power_law(spectrum))
-        final["sigma_sq_sum"] = sum(v ** 2 for k, v in final.items() if k.startswith("sigma/features."))
+        final["sigma_sq_sum"] = sum(final[k] ** 2 for k in self.regularizer.feature_sigmas if k in final)
         final["clean_acc"] = accuracy(model, x_test, y_test)
         if self.config["attack"] is not None:
             final.update(robustness.evaluate(model, (x_test, y_test), self.config["attack"], self.attack_state))

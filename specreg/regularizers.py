@@ -8,6 +8,7 @@ model to its device and into checkpoints. The training loop calls, in order: `at
 regularized step `arm()` right before the model's forward pass on the batch and `penalty(model, batch)`
 right after it.
 """
+import re
 from typing import Annotated, Literal, Optional, Union
 
 import torch
@@ -22,6 +23,15 @@ def _whole_or_fraction(value):
     if value >= 1 and not float(value).is_integer():
         raise ValueError(f"must be a fraction below 1 or a whole number of epochs, got {value!r}")
     return int(value) if value >= 1 else float(value)
+
+
+def sigma_metric(position: int) -> str:
+    """The metric name of σ_max of the weight layer at this 1-based position in forward order."""
+    return f"sigma_{position}"
+
+
+def is_sigma_metric(name: str) -> bool:
+    return re.fullmatch(r"sigma_[1-9]\d*", name) is not None
 
 
 class Regularizer(nn.Module):
@@ -62,6 +72,10 @@ class Regularizer(nn.Module):
         self.layer_names = resolve(model, self.spec.get("placement") or "feature")
         self._shapes = {name: infos[name].input_shape for name in infos}
         self._logged = [name for name in infos if name in self.layer_names or name.startswith("features.")]
+        # σ's metric name counts weight layers in forward order as `upto:K` does (sigma_1, sigma_2, ...):
+        # short, so a narrow MLflow column tells the layers apart, where module paths share their start.
+        self.sigma_names = {name: sigma_metric(position) for position, name in enumerate(infos, 1) if name in self._logged}
+        self.feature_sigmas = [self.sigma_names[name] for name in self._logged if name.startswith("features.")]
         self.monitors = nn.ModuleList(  # separate from any penalty's state: logging never shifts training
             spectral.OperatorNorm(infos[name].module, self._shapes[name], mode=self.spec.get("conv_mode", "exact"),
                                   seed=1000 + i)
@@ -82,7 +96,8 @@ class Regularizer(nn.Module):
 
     @torch.no_grad()
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
-        """Converged σ_max of every feature layer and every placed layer (for logging and Σσ²).
+        """Converged σ_max of every feature layer and every placed layer, by module name (logged under
+        `sigma_names`; Σσ² sums the feature layers').
 
         Each call iterates to convergence from the previous call's vectors, which takes few steps when
         the weights moved by one epoch, where a cold start would take hundreds. The layers are read in

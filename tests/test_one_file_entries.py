@@ -77,7 +77,7 @@ metrics, weights = train(config(model={"name": "bottleneck", "width": 32, "rank"
                                 regularizer={"kind": "rep-spectral", "strength": 1e-3}))
 # The representation is the bottleneck: the head reads 3 units; rep-spectral logs σ of both feature layers.
 assert tuple(weights["head.weight"].shape) == (2, 3)
-assert {"sigma/features.2", "sigma/features.4"} <= set(metrics), sorted(metrics)
+assert {"sigma_1", "sigma_2"} <= set(metrics) and "sigma_3" not in metrics, sorted(metrics)
 space_accepts({"model.rank": {"grid": [2, 4]}}, config(model={"name": "bottleneck"}))
 ''',
     "specreg/data.py": '''

@@ -41,7 +41,7 @@ def test_pretraining_then_probe_reaches_well_above_chance(method):
     result = specreg.run_experiment(config(method), on_epoch=seen.append)
     assert [m["epoch"] for m in seen] == list(range(1, 33))
     pretrain, probe = seen[:2], seen[2:]
-    assert {"pretrain/train_loss", "pretrain/reg_penalty", "pretrain/knn_acc", "sigma/features.2",
+    assert {"pretrain/train_loss", "pretrain/reg_penalty", "pretrain/knn_acc", "sigma_1",
             "alpha_hat"} <= set(pretrain[-1])
     assert {"probe/train_loss", "probe/train_acc", "probe/test_acc"} <= set(probe[-1])
     assert pretrain[-1]["pretrain/reg_penalty"] > 0 and pretrain[1]["pretrain/train_loss"] < pretrain[0]["pretrain/train_loss"]
@@ -56,7 +56,7 @@ def test_the_projector_is_never_regularized(monkeypatch):
     specreg.run_experiment(config(epochs=1, probe=1, strength=1.0), on_epoch=seen.append)
     regularizer, projector = regs[0], heads[0]
     assert regularizer.layer_names == ["features.2"]
-    assert [key for key in seen[0] if key.startswith("sigma/")] == ["sigma/features.2"]
+    assert [key for key in seen[0] if specreg.is_sigma_metric(key)] == ["sigma_1"]
     penalized = [norm.layer.weight for norm in regularizer.norms]
     assert not {id(w) for w in penalized} & {id(p) for p in projector.parameters()}
     params = list(projector.parameters()) + penalized
@@ -95,7 +95,7 @@ def test_resume_equals_training_straight_through(tmp_path, stop):
     specreg.run_experiment(cfg, checkpoint_dir=tmp_path, stop_after_epochs=stop)
     assert specreg.load_checkpoint(tmp_path)["phase"] == ("pretrain" if stop <= 2 else "probe")
     resumed = specreg.run_experiment(cfg, resume_from=tmp_path)
-    for key in ("pretrain/train_loss", "pretrain/knn_acc", "sigma/features.2", "probe/test_acc", "clean_acc"):
+    for key in ("pretrain/train_loss", "pretrain/knn_acc", "sigma_1", "probe/test_acc", "clean_acc"):
         assert resumed[key] == straight[key], key
     assert untimed(resumed["history"]) == untimed(straight["history"])
 
@@ -107,7 +107,7 @@ def test_shared_burnin_prefix_equals_pretraining_from_scratch(tmp_path):
     prefix["regularizer"] = {"kind": "none"}
     specreg.run_experiment(prefix, checkpoint_dir=tmp_path, stop_after_epochs=1)
     cached = specreg.run_experiment(cfg, resume_from=tmp_path)
-    for key in ("pretrain/train_loss", "pretrain/reg_penalty", "sigma/features.2", "clean_acc"):
+    for key in ("pretrain/train_loss", "pretrain/reg_penalty", "sigma_1", "clean_acc"):
         assert cached[key] == scratch[key], key
 
 

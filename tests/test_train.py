@@ -27,7 +27,7 @@ def test_three_epochs_with_each_regularizer(kind):
     result = specreg.run_experiment(config(kind), on_epoch=seen.append)
     assert [m["epoch"] for m in seen] == [1, 2, 3]
     for key in ("train_loss", "train_acc", "test_acc", "reg_penalty", "alpha_hat", "epoch_seconds",
-                "sigma/features.2"):
+                "sigma_1"):
         assert key in seen[-1]
     assert result["clean_acc"] > 0.8, result["clean_acc"]
     if kind not in ("none", "spectral-norm"):
@@ -63,9 +63,9 @@ def test_each_regularizer_trains_a_conv_model_through_its_placement(kind, tmp_pa
     reg.activate(model)  # spectral-norm: the checkpoint holds the parametrization
     model.load_state_dict(specreg.load_checkpoint(tmp_path)["model"])
     model.eval()
-    for name, shape in [("features.1", (1, 8, 8)), ("features.3", (4, 8, 8))]:
-        layer = model.get_submodule(name)
-        assert result[f"sigma/{name}"] == pytest.approx(dense_conv_sigma(layer, shape), rel=1e-4), name
+    for name, shape, position in [("features.1", (1, 8, 8), 1), ("features.3", (4, 8, 8), 2)]:
+        layer = model.get_submodule(name)  # sigma_K: the K-th weight layer in forward order
+        assert result[f"sigma_{position}"] == pytest.approx(dense_conv_sigma(layer, shape), rel=1e-4), name
         if kind == "spectral-norm":  # torch's constraint: the kernel reshaped to Cout × Cin·3·3 has σ 1
             reshaped = layer.weight.detach().double().reshape(layer.out_channels, -1)
             assert torch.linalg.svdvals(reshaped)[0].item() == pytest.approx(1.0, rel=1e-2)
@@ -130,7 +130,7 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(tmp_path):
     straight = specreg.run_experiment(cfg)
     specreg.run_experiment(cfg, checkpoint_dir=tmp_path, stop_after_epochs=2)
     resumed = specreg.run_experiment(cfg, resume_from=tmp_path)
-    for key in ("train_loss", "test_acc", "sigma/features.2", "reg_penalty"):
+    for key in ("train_loss", "test_acc", "sigma_1", "reg_penalty"):
         assert resumed[key] == straight[key], key
     assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3, 4]
 
@@ -145,7 +145,7 @@ def test_shared_burnin_prefix_equals_training_from_scratch(tmp_path, kind):
     for key in ("train_loss", "test_acc", "reg_penalty"):
         assert cached[key] == scratch[key], key
     # logged norms are warm-started from different histories: equal to power-iteration accuracy
-    assert cached["sigma/features.2"] == pytest.approx(scratch["sigma/features.2"], rel=1e-5)
+    assert cached["sigma_1"] == pytest.approx(scratch["sigma_1"], rel=1e-5)
 
 
 def test_logging_sigma_leaves_spectral_norm_training_unchanged(tmp_path):
@@ -188,7 +188,7 @@ def test_divergence_stops_the_run_with_the_epoch_and_last_metrics():
     assert error.value.epoch == 3
     last = error.value.last_metrics
     assert last["epoch"] == 2 and last["reg_penalty"] == 0.0
-    for key in ("train_loss", "train_acc", "test_acc", "sigma/features.2"):
+    for key in ("train_loss", "train_acc", "test_acc", "sigma_1"):
         assert math.isfinite(last[key]), key
 
 

@@ -25,8 +25,8 @@ def test_probe_on_transferred_features_is_well_above_chance():
     seen = []
     result = specreg.run_experiment(config("probe"), on_epoch=seen.append)
     assert [m["epoch"] for m in seen] == list(range(1, 23))
-    assert {"pretrain/train_acc", "pretrain/test_acc", "pretrain/reg_penalty", "sigma/features.2"} <= set(seen[1])
-    assert {"probe/train_loss", "probe/test_acc"} <= set(seen[-1]) and "sigma/features.2" not in seen[-1]
+    assert {"pretrain/train_acc", "pretrain/test_acc", "pretrain/reg_penalty", "sigma_1"} <= set(seen[1])
+    assert {"probe/train_loss", "probe/test_acc"} <= set(seen[-1]) and "sigma_1" not in seen[-1]
     assert result["source_acc"] > 0.8 and result["clean_acc"] > 0.6 and result["knn_acc"] > 0.6, result
 
 
@@ -38,7 +38,7 @@ def test_the_stage_says_where_the_penalty_applies(stage):
     assert ("pretrain/reg_penalty" in pretrain) == (stage != "target")
     assert ("finetune/reg_penalty" in finetune) == (stage != "source")
     assert all(m[k] > 0 for m in (pretrain, finetune) for k in m if k.endswith("reg_penalty"))
-    assert "finetune/test_acc" in finetune and "sigma/features.2" in finetune
+    assert "finetune/test_acc" in finetune and "sigma_1" in finetune
 
 
 def test_l2sp_keeps_the_finetuned_encoder_near_the_source_weights(tmp_path):

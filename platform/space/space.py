@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from specreg import Strict, did_you_mean, format_validation_error
+from specreg import Strict, did_you_mean, format_validation_error, is_sigma_metric
 
 from ..base.errors import BadInput
 
@@ -310,7 +310,7 @@ class SweepSpec(Strict):
 # --- loading and validation ----------------------------------------------------------------------------
 
 def reported_metrics(resolved_base: dict) -> set[str]:
-    """Metric names a trial of this base config reports (besides `sigma/<layer>`): the library's, per task."""
+    """Metric names a trial of this base config reports (besides `sigma_K`): the library's, per task."""
     import specreg
 
     return set(specreg.reported_metrics(resolved_base)["final"])
@@ -335,7 +335,7 @@ def total_epochs(resolved: dict) -> int:
 
 
 def is_reported(metric: str, resolved_base: dict) -> bool:
-    return metric in reported_metrics(resolved_base) or metric.startswith("sigma/")
+    return metric in reported_metrics(resolved_base) or is_sigma_metric(metric)
 
 
 def _unknown(key: str, value, what: str, allowed) -> BadInput:
@@ -468,7 +468,7 @@ def check(spec: SweepSpec) -> dict:
         if not is_reported(objective.metric, base):
             known = ", ".join(sorted(reported_metrics(base)))
             raise BadInput(f"objectives.{index}.metric: no trial reports {objective.metric!r} "
-                           f"(reported: {known}, sigma/<layer>)")
+                           f"(reported: {known}, sigma_K)")
     if len(set(spec.metrics)) != len(spec.metrics):
         raise BadInput(f"objectives: a metric is listed twice ({spec.metrics})")
     if spec.scheduler.name == "asha":
@@ -476,7 +476,7 @@ def check(spec: SweepSpec) -> dict:
         if len(spec.objectives) > 1:
             raise BadInput("scheduler: asha needs a single objective (with several, early-stopped trials "
                            "would enter the Pareto front with truncated values); use name: none")
-        if first not in epoch_metrics(base) and not first.startswith("sigma/"):
+        if first not in epoch_metrics(base) and not is_sigma_metric(first):
             raise BadInput(f"scheduler: asha compares trials every epoch, but {first!r} is only known "
                            "at the end; use an objective reported every epoch or name: none")
         if spec.seeds and len(spec.seeds) > 1:

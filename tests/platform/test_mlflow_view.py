@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from specreg_platform.track import connection, sweep_records
+import specreg
+from specreg_platform.track import connection, sweep_records, tracking
 
 from platform_helpers import TINY_BASE, cli, tiny_space, write_yaml
 
@@ -101,6 +102,17 @@ def test_metric_names_stay_distinct_in_a_narrow_column(swept):
         for name in names:
             assert shown(name) not in seen, f"{kind}: {name!r} and {seen.get(shown(name))!r} both show as {shown(name)!r}"
             seen[shown(name)] = name
+
+
+def test_every_layer_and_radius_of_a_deeper_model_stays_distinct_too():
+    """All three weight layers of an MLP logged (all-layer-spectral) and six radii: what MLflow would show."""
+    result = specreg.run_experiment({
+        **TINY_BASE, "model": {"name": "mlp", "widths": [32, 32]}, "train": {**TINY_BASE["train"], "epochs": 1},
+        "regularizer": {"kind": "all-layer-spectral", "strength": 1e-3},
+        "attack": {"name": "tangent", "samples": 10, "max_queries": 100, "eps": [0.25, 0.5, 1.0, 1.25, 1.5, 2.0]}})
+    names = sorted(tracking.scalars(result))
+    assert {"sigma_1", "sigma_2", "sigma_3", "acc_1.25", "kept_1.25", "acc_1.5"} <= set(names), names
+    assert len({shown(name) for name in names}) == len(names), [shown(name) for name in names]
 
 
 def test_the_attack_trace_is_each_metrics_history_ending_with_the_full_attack(swept, tmp_path):
