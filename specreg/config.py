@@ -326,11 +326,11 @@ def phase_epochs(config: dict) -> dict[str, int]:
 
 def reported_metrics(config: dict) -> dict[str, frozenset]:
     """The scalar metrics a run of a resolved config reports, besides `sigma_K` (σ of the feature and
-    regularized layers by position in forward order, wherever `alpha_hat` is): per phase (phase_epochs' names), those every epoch of it
-    reports; under "final", those of the finished run (the last value of every epoch metric, the final
-    evaluation and, with an attack block, the robustness metrics; with the attack's `trace`, the distance
-    metrics' values after each traced iteration come apart, as `attack_trace`). tests/test_config.py checks these
-    against what run_experiment emits for every task."""
+    regularized layers by position in forward order, wherever `alpha_hat` is): per phase (phase_epochs'
+    names), those every epoch of it reports; under "final", those of the finished run (the last value of
+    every epoch metric, the final evaluation and, with an attack block, the robustness metrics; with the
+    attack's `trace`, the distance metrics' values after each traced iteration come apart, as
+    `attack_trace`). tests/test_config.py checks these against what run_experiment emits for every task."""
     task, reg = config["task"], config["regularizer"]
     stage = reg.get("stage")
     evaluated = {"alpha_hat"} if config["train"]["eval_every"] == 1 else set()

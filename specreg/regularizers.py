@@ -74,7 +74,8 @@ class Regularizer(nn.Module):
         self._logged = [name for name in infos if name in self.layer_names or name.startswith("features.")]
         # σ's metric name counts weight layers in forward order as `upto:K` does (sigma_1, sigma_2, ...):
         # short, so a narrow MLflow column tells the layers apart, where module paths share their start.
-        self.sigma_names = {name: sigma_metric(position) for position, name in enumerate(infos, 1) if name in self._logged}
+        self.sigma_names = {name: sigma_metric(position) for position, name in enumerate(infos, 1)
+                            if name in self._logged}
         self.feature_sigmas = [self.sigma_names[name] for name in self._logged if name.startswith("features.")]
         self.monitors = nn.ModuleList(  # separate from any penalty's state: logging never shifts training
             spectral.OperatorNorm(infos[name].module, self._shapes[name], mode=self.spec.get("conv_mode", "exact"),

@@ -100,7 +100,7 @@ def test_metric_names_stay_distinct_in_a_narrow_column(swept):
                 "adv_auc", "clean_acc", "attack_queries_mean", "attack_samples"} <= set(names), names
         seen = {}
         for name in names:
-            assert shown(name) not in seen, f"{kind}: {name!r} and {seen.get(shown(name))!r} both show as {shown(name)!r}"
+            assert shown(name) not in seen, f"{kind}: {name!r} and {seen[shown(name)]!r} show as {shown(name)!r}"
             seen[shown(name)] = name
 
 
