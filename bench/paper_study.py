@@ -8,9 +8,11 @@
 number in the tables is read from the MLflow store the sweeps fill (`--mlflow`, default ./studies.db).
 
 Statistics. The unit of replication is the seed (one network per arm and seed). Per arm: mean ± the 95%
-t-interval over seeds. Against `none`: the per-seed paired difference, a 95% bootstrap interval that resamples
-seeds and, within each seed, the attacked points (so it carries both the seed-to-seed and the attack-sample
-noise; with one seed only the latter), a paired t-test over seeds with Holm's correction across the arms,
+t-interval over seeds. Against `none`, and between the regularizers (rep-spectral against all-layer spectral, the
+paper's ordering; with and without the activation term): the per-seed paired difference, a 95% bootstrap
+interval that resamples seeds and, within each seed, each network's attacked points independently (so it
+carries both the seed-to-seed and the attack-sample noise; with one seed only the latter), a paired t-test
+over seeds with Holm's correction across the comparisons of a table,
 and the smallest difference the seeds could detect (two-sided α = 0.05, power 0.8, on the noncentral t:
 `detectable_difference`).
 """
@@ -113,8 +115,8 @@ def paired(base: list[dict], other: list[dict], name: str, rng) -> dict:
     boot = np.empty(BOOTSTRAP)
     for i in range(BOOTSTRAP):
         picked = rng.integers(0, n, n)
-        boot[i] = np.mean([stat(rng.choice(pairs[j][1], len(pairs[j][1]))) - stat(rng.choice(pairs[j][0], len(pairs[j][0])))
-                           for j in picked])
+        boot[i] = np.mean([stat(rng.choice(o, len(o))) - stat(rng.choice(b, len(b)))
+                           for b, o in (pairs[j] for j in picked)])
     result = {"n": n, "mean": float(diffs.mean()), "low": float(np.quantile(boot, 0.025)),
               "high": float(np.quantile(boot, 0.975)), "p": math.nan, "mde": math.nan}
     if n >= 2:
@@ -155,21 +157,21 @@ def pvalue(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.3g}"
 
 
-def difference_table(records: list[dict], rng) -> str:
-    base = [r for r in records if r["arm"] == "none"]
+def difference_table(records: list[dict], rng, comparisons: list[tuple[str, str]]) -> str:
+    """Paired differences `arm − base` for each (arm, base) of comparisons and each statistic; Holm's correction
+    runs over the comparisons of one statistic (the family a reader scans at once)."""
     names = ["median distance", "robust ε=0.5", "robust ε=1.0", "robust ε=2.0", "AUC (ε ≤ 3)"]
-    rows = ["| arm − none | statistic | seeds | difference | 95% bootstrap interval | p (paired t) | Holm p | "
+    rows = ["| arm − base | statistic | seeds | difference | 95% bootstrap interval | p (paired t) | Holm p | "
             "smallest detectable |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        results = [(a, paired(base, [r for r in records if r["arm"] == a], name, rng)) for a in ARMS[1:]
-                   if any(r["arm"] == a for r in records)]
-        adjusted = holm([res["p"] for _, res in results])
+        results = [(a, b, paired([r for r in records if r["arm"] == b], [r for r in records if r["arm"] == a],
+                                 name, rng)) for a, b in comparisons]
+        results = [(a, b, res) for a, b, res in results if res["n"] > 0]
+        adjusted = holm([res["p"] for _, _, res in results])
         scale = 1 if name == "median distance" else 100
-        for (a, res), p_holm in zip(results, adjusted):
-            if res["n"] == 0:
-                continue
+        for (a, b, res), p_holm in zip(results, adjusted):
             mde = "—" if math.isnan(res["mde"]) else f"{scale * res['mde']:.3g}"
-            rows.append(f"| {a} | {name} | {res['n']} | {signed(res['mean'], scale)} | "
+            rows.append(f"| {a} − {b} | {name} | {res['n']} | {signed(res['mean'], scale)} | "
                         f"[{signed(res['low'], scale)}, {signed(res['high'], scale)}] | {pvalue(res['p'])} | "
                         f"{pvalue(p_holm)} | {mde} |")
     return "\n".join(rows)
@@ -286,6 +288,62 @@ def robust_figure(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
+    """The dose sweep's networks and the main study's networks of the same seed, each read at the dose
+    sweep's attack budget (the main study's from its trace), so every row saw the same attack."""
+    budget = dose[0]["iterations"]
+    rows = []
+    for source, group in (("dose", dose), ("main", [r for r in records if r["seed"] == dose[0]["seed"]])):
+        for r in group:
+            if budget != r["iterations"] and budget not in checkpoints(r):
+                continue
+            rows.append({"source": source, "arm": r["arm"], "strength": r["strength"],
+                         "regularized": r["epochs"] - r["burnin"], "clean": r["metrics"]["clean_acc"],
+                         "median": at(r, budget, "med_dist_correct"), "robust": at(r, budget, "kept_1.0"),
+                         "sigma": r["metrics"]["sigma_sq_sum"]})
+    return sorted(rows, key=lambda r: (r["regularized"], r["arm"] != "none", r["strength"], r["source"]))
+
+
+def dose_table(dose: list[dict], records: list[dict]) -> str:
+    """Per network of the dose seed: median distance and robust accuracy at the dose budget, and the median's
+    difference from `none` after the same number of epochs."""
+    rows = dose_rows(dose, records)
+    none = {r["regularized"]: r["median"] for r in rows if r["arm"] == "none" and r["source"] == "dose"}
+    lines = [f"Seed {dose[0]['seed']}; every network read after {dose[0]['iterations']} attack iterations (the "
+             "main study's from its trace; `main` rows repeat a dose network and should agree with it).", "",
+             "| regularized epochs | arm | λ | sweep | clean (%) | median distance | − none | robust ε=1 (%) "
+             "| Σσ² |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        strength = "—" if r["arm"] == "none" else f"{r['strength']:g}"
+        delta = f"{r['median'] - none[r['regularized']]:+.4f}" if r["regularized"] in none else "—"
+        lines.append(f"| {r['regularized']} | {r['arm']} | {strength} | {r['source']} | {100 * r['clean']:.1f} | "
+                     f"{r['median']:.4f} | {delta} | {100 * r['robust']:.1f} | {r['sigma']:.1f} |")
+    return "\n".join(lines)
+
+
+def dose_figure(dose: list[dict], path: Path) -> None:
+    """Median distance against the number of regularized epochs: `none` and rep-spectral at each λ."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list] = {}
+    for r in dose_rows(dose, []):
+        label = r["arm"] if r["arm"] == "none" else f"{r['arm']}, λ={r['strength']:g}"
+        lines.setdefault(label, []).append((r["regularized"], r["median"]))
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=150)
+    for (label, points), color in zip(sorted(lines.items()), ("#000000", "#E69F00", "#D55E00", "#0072B2")):
+        ax.plot(*zip(*sorted(points)), marker="o", color=color, label=label)
+    ax.set(xlabel="regularized epochs (after the 360-epoch prefix)", ylabel="median distance (correct points)",
+           title=f"Dose and time, seed {dose[0]['seed']}; TangentAttack, {dose[0]['iterations']} iterations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -301,21 +359,19 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
                f"{len(records)} networks finished, seeds {seeds}.\n\n")
     text.write("## Per arm (mean ± 95% t half-width over seeds; robust accuracies among correctly classified "
                "points unless marked)\n\n" + arm_table(records) + "\n\n")
-    text.write("## Against none (paired by seed)\n\n" + difference_table(records, rng) + "\n\n")
+    text.write("## Against none (paired by seed)\n\n"
+               + difference_table(records, rng, [(a, "none") for a in ARMS[1:]]) + "\n\n")
+    text.write("## Between the regularizers (paired by seed): the paper's ordering, and the activation term\n\n"
+               + difference_table(records, rng, [(ARMS[1], ARMS[3]), (ARMS[2], ARMS[3]), (ARMS[1], ARMS[2])])
+               + "\n\n")
     text.write("## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n")
     text.write("## At the authors' 40 iterations (the same runs, read off their trace)\n\n"
                + authors_budget_table(records) + "\n\n")
     text.write("## Where the time went\n\n" + time_table(records) + "\n")
     dose = networks(client, DOSE) if sweep == MAIN else []
     if dose:
-        rows = ["| λ | regularized epochs | arm | median distance | robust ε=1 (%) | clean (%) |", "|---|---|---|---|---|---|"]
-        for r in sorted(dose + [r for r in records if r["seed"] == dose[0]["seed"]],
-                        key=lambda r: (r["arm"], r["strength"], r["epochs"])):
-            m = r["metrics"]
-            rows.append(f"| {r['strength']:g} | {r['epochs'] - r['burnin']} | {r['arm']} | "
-                        f"{m['med_dist_correct']:.4f} | {100 * m['kept_1.0']:.1f} | "
-                        f"{100 * m['clean_acc']:.1f} |")
-        text.write("\n## Dose and time (one seed)\n\n" + "\n".join(rows) + "\n")
+        text.write("\n## Dose and time (one seed)\n\n" + dose_table(dose, records) + "\n")
+        dose_figure(dose, out / "dose.png")
     if records:
         robust_figure(records, out / "robust_vs_eps.png")
     (out / "tables.md").write_text(text.getvalue())

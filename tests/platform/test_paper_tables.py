@@ -1,0 +1,73 @@
+"""The paper study's tables (bench/paper_study.py) on networks whose distances are known: the paired
+differences against a direct computation and scipy's t-test, and the dose table read at one attack budget."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("paper_study", ROOT / "bench" / "paper_study.py")
+paper_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paper_study)
+
+
+def network(seed, arm, distances, *, strength=1e-3, epochs=400, iterations=160, trace=None):
+    distances = np.asarray(distances, dtype=float)
+    metrics = {"clean_acc": 0.85, "med_dist_correct": float(np.median(distances)),
+               "kept_1.0": float(np.mean(distances > 1)), "sigma_sq_sum": 10.0, "attack_queries_mean": 1.0}
+    return {"seed": seed, "arm": arm, "strength": strength, "epochs": epochs, "burnin": 360, "metrics": metrics,
+            "distances": distances, "iterations": iterations, "trace": trace or {}}
+
+
+def cell(table: str, first: str, statistic: str) -> list[str]:
+    """The cells of the table row whose first two columns are `first` and `statistic`."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [first, statistic]:
+            return cells
+    raise AssertionError(f"no row {first!r}, {statistic!r} in\n{table}")
+
+
+def test_paired_differences_match_a_direct_computation_and_scipy(monkeypatch):
+    monkeypatch.setattr(paper_study, "BOOTSTRAP", 2_000)
+    rng = np.random.default_rng(1)
+    shifts = {400: 0.05, 500: 0.12, 600: 0.10}
+    records = []
+    for seed, shift in shifts.items():
+        base = rng.uniform(0.2, 2.0, 301)
+        records += [network(seed, "none", base), network(seed, "all-layer-spectral", base + shift),
+                    network(seed, "rep-spectral + activation term", base + shift + 0.02)]
+    table = paper_study.difference_table(records, np.random.default_rng(0),
+                                         [("rep-spectral + activation term", "none"), ("all-layer-spectral", "none")])
+    row = cell(table, "all-layer-spectral − none", "median distance")
+    # A shift of every distance moves the median by the shift: the mean difference is the mean shift.
+    assert float(row[3]) == pytest.approx(np.mean(list(shifts.values())), abs=5e-4)
+    diffs = np.array(list(shifts.values()))
+    assert float(row[5]) == pytest.approx(stats.ttest_1samp(diffs, 0).pvalue, rel=1e-2)
+    other = cell(table, "rep-spectral + activation term − none", "median distance")
+    p_other = stats.ttest_1samp(diffs + 0.02, 0).pvalue
+    # Holm over the two comparisons: the smaller p doubled, the larger kept at least as large.
+    assert float(other[6]) == pytest.approx(min(1, 2 * min(p_other, float(row[5]))), rel=1e-2)
+    low, high = (float(v) for v in row[4].strip("[]").split(", "))
+    assert low < float(row[3]) < high
+
+
+def test_dose_table_reads_every_network_at_the_dose_budget():
+    base = np.linspace(0.5, 1.5, 101)
+    dose = [network(400, "none", base, epochs=370, iterations=80),
+            network(400, "rep-spectral + activation term", base + 0.1, epochs=370, iterations=80),
+            network(400, "none", base, epochs=400, iterations=80)]
+    # The main study's network: median 1.0 after its full 160 iterations, 1.3 after 80 (its trace).
+    main = [network(400, "none", base, iterations=160,
+                    trace={80: {"med_dist_correct": 1.3, "kept_1.0": 0.6, "attack_queries_mean": 1.0}}),
+            network(500, "none", base, iterations=160)]
+    rows = paper_study.dose_rows(dose, main)
+    assert [(r["regularized"], r["source"]) for r in rows] == [(10, "dose"), (10, "dose"), (40, "dose"), (40, "main")]
+    assert rows[-1]["median"] == 1.3 and rows[-1]["robust"] == 0.6
+    table = paper_study.dose_table(dose, main)
+    regularized = cell(table, "10", "rep-spectral + activation term")
+    assert float(regularized[6]) == pytest.approx(0.1)
+    # A main-study network without the dose budget in its trace is left out, not read at another budget.
+    assert paper_study.dose_rows(dose, [network(400, "none", base, iterations=160)]) == paper_study.dose_rows(dose, [])
