@@ -257,16 +257,31 @@ def time_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def robust_figure(records: list[dict], path: Path) -> None:
-    """Robust accuracy among correctly classified points against ε, per arm: the seed mean, and a band
-    spanning the seeds (with one seed, the 95% binomial interval of its attacked points)."""
+def axes(size: tuple[float, float]):
+    """A figure and its axes, drawn without a display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=size, dpi=150)
+
+
+def save_figure(fig, ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def robust_figure(records: list[dict], path: Path) -> None:
+    """Robust accuracy among correctly classified points against ε, per arm: the seed mean, and a band
+    spanning the seeds (with one seed, the 95% binomial interval of its attacked points)."""
     colors = {"none": "#000000", "rep-spectral + activation term": "#E69F00", "rep-spectral": "#0072B2",
               "all-layer-spectral": "#009E73"}  # Okabe-Ito
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    fig, ax = axes((6.4, 4.2))
     for name in ARMS:
         curves = np.array([robust_curve(r["distances"]) for r in records if r["arm"] == name])
         if not len(curves):
@@ -281,11 +296,7 @@ def robust_figure(records: list[dict], path: Path) -> None:
         ax.fill_between(EPS_GRID, 100 * low, 100 * high, color=colors[name], alpha=0.2, linewidth=0)
     ax.set(xlabel="ε (L2, pixels in [0, 1])", ylabel="robust accuracy among correct points (%)", ylim=(0, 100),
            title=f"F-MNIST SLP-2000, authors' recipe; TangentAttack, {records[0]['iterations']} iterations")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
@@ -324,24 +335,16 @@ def dose_table(dose: list[dict], records: list[dict]) -> str:
 
 def dose_figure(dose: list[dict], path: Path) -> None:
     """Median distance against the number of regularized epochs: `none` and rep-spectral at each λ."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines: dict[str, list] = {}
     for r in dose_rows(dose, []):
         label = r["arm"] if r["arm"] == "none" else f"{r['arm']}, λ={r['strength']:g}"
         lines.setdefault(label, []).append((r["regularized"], r["median"]))
-    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=150)
-    for (label, points), color in zip(sorted(lines.items()), ("#000000", "#E69F00", "#D55E00", "#0072B2")):
+    fig, ax = axes((5.6, 3.8))
+    for (label, points), color in zip(sorted(lines.items()), ("#000000", "#E69F00", "#0072B2", "#D55E00")):
         ax.plot(*zip(*sorted(points)), marker="o", color=color, label=label)
     ax.set(xlabel="regularized epochs (after the 360-epoch prefix)", ylabel="median distance (correct points)",
            title=f"Dose and time, seed {dose[0]['seed']}; TangentAttack, {dose[0]['iterations']} iterations")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:

@@ -71,3 +71,14 @@ def test_dose_table_reads_every_network_at_the_dose_budget():
     assert float(regularized[6]) == pytest.approx(0.1)
     # A main-study network without the dose budget in its trace is left out, not read at another budget.
     assert paper_study.dose_rows(dose, [network(400, "none", base, iterations=160)]) == paper_study.dose_rows(dose, [])
+
+
+def test_figures_are_drawn(tmp_path):
+    base = np.linspace(0.5, 1.5, 101)
+    dose = [network(400, "none", base, epochs=epochs, iterations=80) for epochs in (370, 380)]
+    dose += [network(400, "rep-spectral + activation term", base + 0.1, strength=s, epochs=e, iterations=80)
+             for s in (1e-3, 1e-2) for e in (370, 380)]
+    paper_study.dose_figure(dose, tmp_path / "dose.png")
+    paper_study.robust_figure(dose, tmp_path / "robust.png")
+    for name in ("dose.png", "robust.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
