@@ -71,7 +71,8 @@ def networks(client, sweep: str) -> list[dict]:
         config = sweep_records.run_config(client, run.info.run_id)
         metrics = sweep_records.current_names(run.data.metrics)
         local = client.download_artifacts(run.info.run_id, "distances.npy")
-        seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+        # By epoch: a trial retried after a fault logs its epochs again, into the same run.
+        seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
         epochs = config["train"]["epochs"]
         out.append({"run_id": run.info.run_id, "seed": config["train"]["seed"], "arm": arm(config),
                     "strength": config["regularizer"]["strength"], "epochs": epochs,
@@ -250,7 +251,8 @@ def time_table(records: list[dict]) -> str:
     rows = ["| seed | arm | prefix epochs (s, shared) | own epochs (s) | attack (s) | attack rows / s |",
             "|---|---|---|---|---|---|"]
     for r in records:
-        prefix, own = r["epoch_seconds"][:r["burnin"]], r["epoch_seconds"][r["burnin"]:]
+        prefix = [v for epoch, v in r["epoch_seconds"].items() if epoch <= r["burnin"]]
+        own = [v for epoch, v in r["epoch_seconds"].items() if epoch > r["burnin"]]
         queries = r["metrics"]["attack_queries_mean"] * r["metrics"]["attack_samples"]
         rows.append(f"| {r['seed']} | {r['arm']} | {sum(prefix):,.0f} | {sum(own):,.0f} | "
                     f"{r['metrics']['attack_seconds']:,.0f} | {queries / r['metrics']['attack_seconds']:,.0f} |")
