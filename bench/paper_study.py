@@ -302,11 +302,13 @@ def robust_figure(records: list[dict], path: Path) -> None:
 
 
 def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
-    """The dose sweep's networks and the main study's networks of the same seed, each read at the dose
+    """The dose sweep's networks and the main study's networks of the same seed and arms, each read at the dose
     sweep's attack budget (the main study's from its trace), so every row saw the same attack."""
     budget = dose[0]["iterations"]
+    arms = {r["arm"] for r in dose}
+    main = [r for r in records if r["seed"] == dose[0]["seed"] and r["arm"] in arms]
     rows = []
-    for source, group in (("dose", dose), ("main", [r for r in records if r["seed"] == dose[0]["seed"]])):
+    for source, group in (("dose", dose), ("main", main)):
         for r in group:
             if budget != r["iterations"] and budget not in checkpoints(r):
                 continue

@@ -62,7 +62,9 @@ def test_dose_table_reads_every_network_at_the_dose_budget():
     # The main study's network: median 1.0 after its full 160 iterations, 1.3 after 80 (its trace).
     main = [network(400, "none", base, iterations=160,
                     trace={80: {"med_dist_correct": 1.3, "kept_1.0": 0.6, "attack_queries_mean": 1.0}}),
-            network(500, "none", base, iterations=160)]
+            network(500, "none", base, iterations=160),
+            network(400, "all-layer-spectral", base, iterations=160,
+                    trace={80: {"med_dist_correct": 1.2, "kept_1.0": 0.5, "attack_queries_mean": 1.0}})]
     rows = paper_study.dose_rows(dose, main)
     assert [(r["regularized"], r["source"]) for r in rows] == [(10, "dose"), (10, "dose"), (40, "dose"), (40, "main")]
     assert rows[-1]["median"] == 1.3 and rows[-1]["robust"] == 0.6
