@@ -3,10 +3,13 @@ from them fails here. Loading only: no data, no training."""
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
-from specreg import models, placement
+import specreg
+from specreg import models, placement, regularizers
 from specreg.config import penalty_start
+from specreg_platform.run import burnin
 from specreg_platform.space.space import load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -85,3 +88,79 @@ def test_cifar10_resnet18_attack_is_theirs(cifar):
     assert attack["iterations"] == 40 and attack["max_queries"] is None  # --T 40 (eval_black_box_robustness.py:72)
     assert attack["tolerance"] == 1e-5  # eval_black_box_robustness.py:73
     assert (attack["init_evals"], attack["max_evals"]) == (100, 10000)  # black_box.py:132-133
+
+
+# --- Fashion-MNIST SLP-2000 (docs/paper_recipe.md, "Fashion-MNIST SLP-2000") -------------------------------
+
+FMNIST_SPACES = ("paper_fmnist_slp", "paper_fmnist_slp_dose", "paper_fmnist_slp_readout")
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return {name: load_space(SPACES / f"{name}.yaml") for name in FMNIST_SPACES}
+
+
+def resolved(spec, params: dict) -> dict:
+    return specreg.validate_config(spec.trial_config(params))
+
+
+@pytest.mark.parametrize("name", FMNIST_SPACES)
+def test_fmnist_slp_model_and_training_are_theirs(fmnist, name):
+    _, base = fmnist[name]
+    assert base["data"]["name"] == "fashion_mnist"
+    torch.manual_seed(0)
+    model = models.build(base["model"], (1, 28, 28), 10)
+    hidden, readout = model.features[2], model.head[0]
+    assert (hidden.in_features, hidden.out_features) == (784, 2000)  # MLP.py:38-51
+    assert isinstance(model.features[3], nn.GELU)  # --nl GELU (train_fashion_mnist.sh:18)
+    assert model.head[1].factor == pytest.approx(2000 ** -0.5)  # ScaleLayer (MLP.py:24-32, 51)
+    weights = torch.cat([hidden.weight.flatten(), hidden.bias, readout.weight.flatten(), readout.bias])
+    assert weights.mean().abs() < 1e-4 and weights.std().item() == pytest.approx(0.01, rel=0.01)  # MLP.py:12-21
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(model.features[:2](x), x.flatten(1))  # no normalization (real_data.py:57, 65)
+    train = base["train"]
+    assert (train["optimizer"], train["lr"], train["momentum"], train["weight_decay"]) == ("sgd", 0.1, 0.9, 1e-4)
+    assert (train["batch_size"], train["schedule"]) == (1024, "constant")  # train_fashion_mnist.sh:15-17
+    reg = base["regularizer"]
+    assert (reg["burnin"], reg["every"], reg["n_power_iterations"]) == (360, 1, 10)  # :11, --reg-freq 1
+    attack = base["attack"]
+    assert attack["name"] == "tangent" and attack["correct_only"] is True and attack["max_queries"] is None
+    assert (attack["init_evals"], attack["max_evals"], attack["tolerance"]) == (100, 10000, 1e-5)
+    assert 40 in [*attack["trace"], attack["iterations"]]  # their T = 40 (eval_black_box_robustness.py:72)
+
+
+def test_fmnist_slp_study_is_four_arms_by_three_seeds_at_their_lambda_and_epochs(fmnist):
+    spec, _ = fmnist["paper_fmnist_slp"]
+    configs = [resolved(spec, p) for p in spec.grid_points()]
+    arms = [(c["train"]["seed"], c["regularizer"]["kind"], c["regularizer"].get("activation_term")) for c in configs]
+    assert len(set(arms)) == 12 == 3 * 4
+    assert {seed for seed, *_ in arms} == {400, 500, 600}  # the first three of theirs (train_fashion_mnist.sh:25)
+    for config in configs:
+        assert config["train"]["epochs"] == 400 and config["regularizer"]["strength"] == 1e-3  # :10, :19
+        assert config["attack"]["samples"] == 1000 and config["attack"]["iterations"] == 160
+        if config["regularizer"]["kind"] != "none":
+            assert penalty_start(config) == 360
+
+
+def test_fmnist_readout_arm_penalizes_their_spectral_layer_alone(fmnist):
+    """Their `spectral` sees only lin2 as an nn.Linear of model.model (spectral.py:29-40, MLP.py:51)."""
+    spec, _ = fmnist["paper_fmnist_slp_readout"]
+    config = resolved(spec, spec.grid_points()[0])
+    torch.manual_seed(0)
+    model = models.build(config["model"], (1, 28, 28), 10)
+    reg = regularizers.build(config["regularizer"]).attach(model)
+    assert reg.layer_names == ["head.0"]
+    sigma = torch.linalg.svdvals(model.head[0].weight.detach().double())[0].item()
+    assert reg.penalty(model).item() == pytest.approx(1e-3 * sigma ** 2, rel=1e-4)
+    assert {p["train.seed"] for p in spec.grid_points()} == {400, 500, 600}
+
+
+def test_fmnist_follow_ups_share_the_main_studys_prefix(fmnist):
+    """The dose and readout sweeps run from the main study's 360-epoch prefix of each seed (same burn-in key)."""
+    spec, _ = fmnist["paper_fmnist_slp"]
+    main = {c["train"]["seed"]: burnin.cache_key(c) for c in (resolved(spec, p) for p in spec.grid_points())}
+    for name in ("paper_fmnist_slp_dose", "paper_fmnist_slp_readout"):
+        follow_spec, _ = fmnist[name]
+        for params in follow_spec.grid_points():
+            config = resolved(follow_spec, params)
+            assert burnin.cache_key(config) == main[config["train"]["seed"]], name

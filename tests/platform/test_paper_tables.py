@@ -84,3 +84,15 @@ def test_figures_are_drawn(tmp_path):
     paper_study.robust_figure(dose, tmp_path / "robust.png")
     for name in ("dose.png", "robust.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_arm_of_the_study_spaces_gets_its_own_name():
+    """The readout follow-up is rep-spectral placed on the readout: it must not be tabulated as rep-spectral."""
+    import specreg
+    from specreg_platform.space.space import load_space
+
+    names = set()
+    for space in ("paper_fmnist_slp", "paper_fmnist_slp_readout"):
+        sweep, _ = load_space(ROOT / "search_spaces" / f"{space}.yaml")
+        names |= {paper_study.arm(specreg.validate_config(sweep.trial_config(p))) for p in sweep.grid_points()}
+    assert names == set(paper_study.ARMS)
