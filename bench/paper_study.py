@@ -87,7 +87,11 @@ def networks(client, sweep: str) -> list[dict]:
                     "distances": np.load(local), "epoch_seconds": seconds,
                     "burnin_tag": run.data.tags.get("specreg.burnin"),
                     "iterations": config["attack"].get("iterations") or 0})
-    return sorted(out, key=lambda r: (r["seed"], ARMS.index(r["arm"]) if r["arm"] in ARMS else 9))
+    return sorted(out, key=seed_then_arm)
+
+
+def seed_then_arm(record: dict) -> tuple:
+    return record["seed"], ARMS.index(record["arm"]) if record["arm"] in ARMS else len(ARMS)
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -366,7 +370,7 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
     rng = np.random.default_rng(0)
     # the readout follow-up's networks join the main study's: same prefixes, same attack, one more arm
     records = networks(client, sweep) + (networks(client, READOUT) if sweep == MAIN else [])
-    records.sort(key=lambda r: (r["seed"], ARMS.index(r["arm"]) if r["arm"] in ARMS else 9))
+    records.sort(key=seed_then_arm)
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     seeds = sorted({r["seed"] for r in records})
