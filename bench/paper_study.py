@@ -258,14 +258,20 @@ def authors_budget_table(records: list[dict], t: int = 40) -> str:
 
 
 def time_table(records: list[dict]) -> str:
+    """Seconds per network. An attack continued from its saved state after a session's end
+    (`attack_resumed_at` > 0) logs only the time of its last part, so its rate is left out."""
     rows = ["| seed | arm | prefix epochs (s, shared) | own epochs (s) | attack (s) | attack rows / s |",
             "|---|---|---|---|---|---|"]
     for r in records:
         prefix = [v for epoch, v in r["epoch_seconds"].items() if epoch <= r["burnin"]]
         own = [v for epoch, v in r["epoch_seconds"].items() if epoch > r["burnin"]]
-        queries = r["metrics"]["attack_queries_mean"] * r["metrics"]["attack_samples"]
-        rows.append(f"| {r['seed']} | {r['arm']} | {sum(prefix):,.0f} | {sum(own):,.0f} | "
-                    f"{r['metrics']['attack_seconds']:,.0f} | {queries / r['metrics']['attack_seconds']:,.0f} |")
+        seconds, resumed = r["metrics"]["attack_seconds"], int(r["metrics"].get("attack_resumed_at", 0))
+        if resumed:
+            attack, rate = f"{seconds:,.0f} (iterations {resumed + 1}–{r['iterations']} only)", "—"
+        else:
+            queries = r["metrics"]["attack_queries_mean"] * r["metrics"]["attack_samples"]
+            attack, rate = f"{seconds:,.0f}", f"{queries / seconds:,.0f}"
+        rows.append(f"| {r['seed']} | {r['arm']} | {sum(prefix):,.0f} | {sum(own):,.0f} | {attack} | {rate} |")
     return "\n".join(rows)
 
 

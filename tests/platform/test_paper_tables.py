@@ -96,3 +96,14 @@ def test_every_arm_of_the_study_spaces_gets_its_own_name():
         sweep, _ = load_space(ROOT / "search_spaces" / f"{space}.yaml")
         names |= {paper_study.arm(specreg.validate_config(sweep.trial_config(p))) for p in sweep.grid_points()}
     assert names == set(paper_study.ARMS)
+
+
+def test_time_table_gives_a_rate_only_for_attacks_run_in_one_piece():
+    whole, resumed = network(400, "none", [1.0, 2.0]), network(400, "rep-spectral", [1.0, 2.0])
+    for record, at in ((whole, 0), (resumed, 130)):
+        record["metrics"].update(attack_seconds=500.0, attack_samples=1000, attack_queries_mean=2_000.0,
+                                 attack_resumed_at=float(at))
+        record["epoch_seconds"] = {360: 3.0, 361: 4.0}
+    table = paper_study.time_table([whole, resumed])
+    assert cell(table, "400", "none")[2:] == ["3", "4", "500", "4,000"]   # 2,000 × 1,000 rows in 500 s
+    assert cell(table, "400", "rep-spectral")[4:] == ["500 (iterations 131–160 only)", "—"]
