@@ -107,3 +107,23 @@ def test_time_table_gives_a_rate_only_for_attacks_run_in_one_piece():
     table = paper_study.time_table([whole, resumed])
     assert cell(table, "400", "none")[2:] == ["3", "4", "500", "4,000"]   # 2,000 × 1,000 rows in 500 s
     assert cell(table, "400", "rep-spectral")[4:] == ["500 (iterations 131–160 only)", "—"]
+
+
+def test_clean_table_pairs_by_seed_and_matches_scipy_with_holm():
+    clean = {"none": [0.8517, 0.8517, 0.8508], "rep-spectral": [0.8477, 0.8470, 0.8471],
+             "all-layer-spectral": [0.8430, 0.8414, 0.8435]}
+    records = []
+    for name, accs in clean.items():
+        for seed, acc in zip((600, 400, 500), accs[2:] + accs[:2]):   # out of seed order: pairing must use seeds
+            r = network(seed, name, [1.0])
+            r["metrics"]["clean_acc"] = acc
+            records.append(r)
+    table = paper_study.clean_table(records, [("rep-spectral", "none"), ("all-layer-spectral", "none")])
+    p = [stats.ttest_rel(clean[a], clean["none"]).pvalue for a in ("rep-spectral", "all-layer-spectral")]
+    rep, layer = cell(table, "rep-spectral − none", "3"), cell(table, "all-layer-spectral − none", "3")
+    assert rep[2] == "-0.40, -0.47, -0.37" and rep[3] == "-0.41"
+    assert float(rep[4]) == pytest.approx(p[0], rel=1e-2) and float(layer[4]) == pytest.approx(p[1], rel=1e-2)
+    # Holm over two tests: the smaller p doubled, the larger kept (when it stays above the doubled smaller)
+    low, high = sorted(p)
+    holm = {p.index(low): 2 * low, p.index(high): max(high, 2 * low)}
+    assert float(rep[5]) == pytest.approx(holm[0], rel=1e-2) and float(layer[5]) == pytest.approx(holm[1], rel=1e-2)
