@@ -190,9 +190,9 @@ def difference_table(records: list[dict], rng, comparisons: list[tuple[str, str]
 
 def clean_table(records: list[dict], comparisons: list[tuple[str, str]]) -> str:
     """Paired clean-accuracy differences `arm − base` (points) over the seeds both have: each seed's
-    difference (in seed order), their mean, the paired t-test with Holm's correction over the comparisons, and the smallest
-    difference the seeds could detect. Clean accuracy is over the whole test set, so there is no attack
-    sample to resample: the seeds are the only noise."""
+    difference (in seed order), their mean, the paired t-test with Holm's correction over the comparisons,
+    and the smallest difference the seeds could detect. Clean accuracy is over the whole test set, so there
+    is no attack sample to resample: the seeds are the only noise."""
     results = []
     for a, b in comparisons:
         base = {r["seed"]: r["metrics"]["clean_acc"] for r in records if r["arm"] == b}
