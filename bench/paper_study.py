@@ -39,6 +39,8 @@ BOOTSTRAP = 10_000
 # the readout arm (search_spaces/paper_fmnist_slp_readout.yaml) is the authors' `spectral` as their code ran it
 READOUT_ARM = "readout spectral (their `spectral`)"
 ARMS = ("none", "rep-spectral + activation term", "rep-spectral", "all-layer-spectral", READOUT_ARM)
+COLORS = {"none": "#000000", "rep-spectral + activation term": "#E69F00", "rep-spectral": "#0072B2",
+          "all-layer-spectral": "#009E73", READOUT_ARM: "#CC79A7"}  # Okabe-Ito
 
 
 def arm(config: dict) -> str:
@@ -319,8 +321,6 @@ def save_figure(fig, ax, path: Path) -> None:
 def robust_figure(records: list[dict], path: Path) -> None:
     """Robust accuracy among correctly classified points against ε, per arm: the seed mean, and a band
     spanning the seeds (with one seed, the 95% binomial interval of its attacked points)."""
-    colors = {"none": "#000000", "rep-spectral + activation term": "#E69F00", "rep-spectral": "#0072B2",
-              "all-layer-spectral": "#009E73", READOUT_ARM: "#CC79A7"}  # Okabe-Ito
     fig, ax = axes((6.4, 4.2))
     for name in ARMS:
         curves = np.array([robust_curve(r["distances"]) for r in records if r["arm"] == name])
@@ -332,8 +332,8 @@ def robust_figure(records: list[dict], path: Path) -> None:
         else:
             half = 1.96 * np.sqrt(mean * (1 - mean) / len(records[0]["distances"]))
             low, high = mean - half, mean + half
-        ax.plot(EPS_GRID, 100 * mean, color=colors[name], label=f"{name} (n={len(curves)})")
-        ax.fill_between(EPS_GRID, 100 * low, 100 * high, color=colors[name], alpha=0.2, linewidth=0)
+        ax.plot(EPS_GRID, 100 * mean, color=COLORS[name], label=f"{name} (n={len(curves)})")
+        ax.fill_between(EPS_GRID, 100 * low, 100 * high, color=COLORS[name], alpha=0.2, linewidth=0)
     ax.set(xlabel="ε (L2, pixels in [0, 1])", ylabel="robust accuracy among correct points (%)", ylim=(0, 100),
            title=f"F-MNIST SLP-2000, authors' recipe; TangentAttack, {records[0]['iterations']} iterations")
     save_figure(fig, ax, path)
@@ -389,6 +389,42 @@ def dose_figure(dose: list[dict], path: Path) -> None:
     save_figure(fig, ax, path)
 
 
+def tradeoff_points(records: list[dict], dose: list[dict]) -> list[dict]:
+    """Clean accuracy and median distance of every network at one attack budget: the dose sweep's when it has
+    networks (the main study's read off their trace; one without that budget in its trace is left out), else
+    the full one. Comparing regularizers at equal clean accuracy needs them on one plane."""
+    budget = dose[0]["iterations"] if dose else records[0]["iterations"]
+    points = []
+    for source, group in (("main", records), ("dose", dose)):
+        for r in group:
+            if budget != r["iterations"] and budget not in checkpoints(r):
+                continue
+            label = r["arm"]
+            if source == "dose":
+                label = (f"none, {r['epochs']} ep." if r["arm"] == "none"
+                         else f"λ={r['strength']:g}, {r['epochs'] - r['burnin']} reg. ep.")
+            points.append({"source": source, "arm": r["arm"], "label": label, "budget": budget,
+                           "clean": 100 * r["metrics"]["clean_acc"], "median": at(r, budget, "med_dist_correct")})
+    return points
+
+
+def tradeoff_figure(records: list[dict], dose: list[dict], path: Path) -> None:
+    """Median distance against clean accuracy, one marker per network: the main study's arms as coloured
+    circles, the dose sweep's networks as labelled triangles."""
+    points = tradeoff_points(records, dose)
+    fig, ax = axes((6.4, 4.2))
+    for name in ARMS:
+        mine = [q for q in points if q["source"] == "main" and q["arm"] == name]
+        if mine:
+            ax.scatter([q["clean"] for q in mine], [q["median"] for q in mine], color=COLORS[name], label=name)
+    for q in (q for q in points if q["source"] == "dose"):
+        ax.scatter(q["clean"], q["median"], marker="^", color=COLORS.get(q["arm"], "#777777"), edgecolor="black")
+        ax.annotate(q["label"], (q["clean"], q["median"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="clean accuracy (%)", ylabel="median distance (correct points)",
+           title=f"One marker per network; TangentAttack, {points[0]['budget']} iterations")
+    save_figure(fig, ax, path)
+
+
 def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -424,6 +460,7 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
         dose_figure(dose, out / "dose.png")
     if records:
         robust_figure(records, out / "robust_vs_eps.png")
+        tradeoff_figure(records, dose, out / "tradeoff.png")
     (out / "tables.md").write_text(text.getvalue())
     return text.getvalue()
 

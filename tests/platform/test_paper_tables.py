@@ -82,7 +82,8 @@ def test_figures_are_drawn(tmp_path):
              for s in (1e-3, 1e-2) for e in (370, 380)]
     paper_study.dose_figure(dose, tmp_path / "dose.png")
     paper_study.robust_figure(dose, tmp_path / "robust.png")
-    for name in ("dose.png", "robust.png"):
+    paper_study.tradeoff_figure(dose, dose, tmp_path / "tradeoff.png")
+    for name in ("dose.png", "robust.png", "tradeoff.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -127,3 +128,18 @@ def test_clean_table_pairs_by_seed_and_matches_scipy_with_holm():
     low, high = sorted(p)
     holm = {p.index(low): 2 * low, p.index(high): max(high, 2 * low)}
     assert float(rep[5]) == pytest.approx(holm[0], rel=1e-2) and float(layer[5]) == pytest.approx(holm[1], rel=1e-2)
+
+
+def test_tradeoff_points_put_every_network_at_the_dose_budget():
+    base = np.linspace(0.5, 1.5, 101)
+    main = [network(400, "none", base, iterations=160,
+                    trace={80: {"med_dist_correct": 1.3, "kept_1.0": 0.6, "attack_queries_mean": 1.0}}),
+            network(500, "none", base, iterations=160)]   # no 80-iteration trace: left out, not read at 160
+    dose = [network(400, "rep-spectral + activation term", base + 0.1, strength=1e-2, epochs=370, iterations=80),
+            network(400, "none", base, epochs=370, iterations=80)]
+    points = paper_study.tradeoff_points(main, dose)
+    assert [(q["source"], q["label"], q["median"]) for q in points] == [
+        ("main", "none", 1.3), ("dose", "λ=0.01, 10 reg. ep.", pytest.approx(1.1)), ("dose", "none, 370 ep.", 1.0)]
+    assert {q["budget"] for q in points} == {80} and points[0]["clean"] == pytest.approx(85.0)
+    # without a dose sweep, every network at its full budget
+    assert [q["median"] for q in paper_study.tradeoff_points(main, [])] == [1.0, 1.0]
