@@ -195,11 +195,11 @@ def clean_table(records: list[dict], comparisons: list[tuple[str, str]]) -> str:
     difference (in seed order), their mean, the paired t-test with Holm's correction over the comparisons,
     and the smallest difference the seeds could detect. Clean accuracy is over the whole test set, so there
     is no attack sample to resample: the seeds are the only noise."""
-    results = []
+    results, records = [], sorted(records, key=seed_then_arm)
     for a, b in comparisons:
         base = {r["seed"]: r["metrics"]["clean_acc"] for r in records if r["arm"] == b}
         diffs = np.array([100 * (r["metrics"]["clean_acc"] - base[r["seed"]])
-                          for r in sorted(records, key=seed_then_arm) if r["arm"] == a and r["seed"] in base])
+                          for r in records if r["arm"] == a and r["seed"] in base])
         if len(diffs):
             results.append((a, b, diffs))
     p = [paired_t_pvalue(d) if len(d) >= 2 else math.nan for _, _, d in results]
@@ -238,6 +238,11 @@ def checkpoints(record: dict) -> list[int]:
     return sorted(t for t in record["trace"] if t < record["iterations"])
 
 
+def has_budget(record: dict, t: int) -> bool:
+    """Whether a network's distances after t attack iterations are known: its full run, or a traced iteration."""
+    return t == record["iterations"] or t in checkpoints(record)
+
+
 def at(record: dict, t: int, key: str) -> float:
     """A network's metric after t iterations of its attack (the run's own metric when t is its full budget)."""
     return record["metrics"][key] if t == record["iterations"] else record["trace"][t][key]
@@ -270,7 +275,7 @@ def authors_budget_table(records: list[dict], t: int = 40) -> str:
     rows = [f"| arm | seeds | median distance, {t} it. | full budget | robust ε=1 (%), {t} it. | full budget |",
             "|---|---|---|---|---|---|"]
     for name in ARMS:
-        group = [r for r in records if r["arm"] == name and (r["iterations"] == t or t in checkpoints(r))]
+        group = [r for r in records if r["arm"] == name and has_budget(r, t)]
         if not group:
             continue
         cell = lambda key, tt, scale=1.0: fmt(*t_interval([at(r, tt, key) for r in group]), scale)  # noqa: E731
@@ -348,7 +353,7 @@ def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
     rows = []
     for source, group in (("dose", dose), ("main", main)):
         for r in group:
-            if budget != r["iterations"] and budget not in checkpoints(r):
+            if not has_budget(r, budget):
                 continue
             rows.append({"source": source, "arm": r["arm"], "strength": r["strength"],
                          "regularized": r["epochs"] - r["burnin"], "clean": r["metrics"]["clean_acc"],
@@ -397,7 +402,7 @@ def tradeoff_points(records: list[dict], dose: list[dict]) -> list[dict]:
     points = []
     for source, group in (("main", records), ("dose", dose)):
         for r in group:
-            if budget != r["iterations"] and budget not in checkpoints(r):
+            if not has_budget(r, budget):
                 continue
             label = r["arm"]
             if source == "dose":
