@@ -22,6 +22,7 @@ import argparse
 import io
 import math
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +82,13 @@ def networks(client, sweep: str) -> list[dict]:
         local = client.download_artifacts(run.info.run_id, "distances.npy")
         # By epoch: a trial retried after a fault logs its epochs again, into the same run.
         seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
+        test_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_acc")}
         epochs = config["train"]["epochs"]
         out.append({"run_id": run.info.run_id, "seed": config["train"]["seed"], "arm": arm(config),
                     "strength": config["regularizer"]["strength"], "epochs": epochs,
                     "burnin": specreg.penalty_start(config), "metrics": metrics,
                     "trace": attack_trace(client, run.info.run_id, metrics),
-                    "distances": np.load(local), "epoch_seconds": seconds,
+                    "distances": np.load(local), "epoch_seconds": seconds, "test_acc": test_acc,
                     "burnin_tag": run.data.tags.get("specreg.burnin"),
                     "iterations": config["attack"].get("iterations") or 0})
     return sorted(out, key=seed_then_arm)
@@ -170,15 +172,18 @@ def pvalue(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.3g}"
 
 
-def difference_table(records: list[dict], rng, comparisons: list[tuple[str, str]]) -> str:
+def difference_table(records: list[dict], comparisons: list[tuple[str, str]]) -> str:
     """Paired differences `arm − base` for each (arm, base) of comparisons and each statistic; Holm's correction
-    runs over the comparisons of one statistic (the family a reader scans at once)."""
+    runs over the comparisons of one statistic (the family a reader scans at once). Each comparison draws its
+    bootstrap from a stream of its own (seeded by its name), so adding an arm leaves the other intervals as
+    they were."""
     names = ["median distance", "robust ε=0.5", "robust ε=1.0", "robust ε=2.0", "AUC (ε ≤ 3)"]
     rows = ["| arm − base | statistic | seeds | difference | 95% bootstrap interval | p (paired t) | Holm p | "
             "smallest detectable |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         results = [(a, b, paired([r for r in records if r["arm"] == b], [r for r in records if r["arm"] == a],
-                                 name, rng)) for a, b in comparisons]
+                                 name, np.random.default_rng(zlib.crc32(f"{a} − {b}: {name}".encode()))))
+                   for a, b in comparisons]
         results = [(a, b, res) for a, b, res in results if res["n"] > 0]
         adjusted = holm([res["p"] for _, _, res in results])
         scale = 1 if name == "median distance" else 100
@@ -283,6 +288,30 @@ def authors_budget_table(records: list[dict], t: int = 40) -> str:
                     f"{cell('med_dist_correct', t)} | {cell('med_dist_correct', group[0]['iterations'])} | "
                     f"{cell('kept_1.0', t, 100)} | "
                     f"{cell('kept_1.0', group[0]['iterations'], 100)} |")
+    return "\n".join(rows)
+
+
+CURVE_EPOCHS = (1, 5, 20, 30, 100, 200)
+
+
+def learning_curve_table(records: list[dict]) -> str:
+    """Per seed: the test accuracy of the shared unregularized prefix after a few epochs (read off the seed's
+    `none` network) and at its last epoch for every arm of the seed; the arms resume one prefix, so they agree
+    there to the last digit. The early epochs are where an independent loop with the authors' settings can be
+    laid beside this one (docs/results.md)."""
+    rows = []
+    for seed in sorted({r["seed"] for r in records}):
+        group = [r for r in records if r["seed"] == seed]
+        base = next((r for r in group if r["arm"] == "none"), None)
+        if base is None:
+            continue
+        burnin = base["burnin"]
+        if not rows:
+            rows = [f"| seed | test acc (%) after epoch {' / '.join(map(str, CURVE_EPOCHS))} | epoch {burnin}, "
+                    "every arm of the seed | arms |", "|---|---|---|---|"]
+        early = " / ".join(f"{100 * base['test_acc'][e]:.1f}" for e in CURVE_EPOCHS if e in base["test_acc"])
+        last = sorted({f"{100 * r['test_acc'][burnin]:.2f}" for r in group if burnin in r["test_acc"]})
+        rows.append(f"| {seed} | {early} | {', '.join(last)} | {len(group)} |")
     return "\n".join(rows)
 
 
@@ -436,7 +465,6 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
     from specreg_platform.track import connection
 
     client = MlflowClient(connection.resolve_uri(mlflow))
-    rng = np.random.default_rng(0)
     # the readout follow-up's networks join the main study's: same prefixes, same attack, one more arm
     records = networks(client, sweep) + (networks(client, READOUT) if sweep == MAIN else [])
     records.sort(key=seed_then_arm)
@@ -449,15 +477,16 @@ def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
                "points unless marked)\n\n" + arm_table(records) + "\n\n")
     against_none = [(a, "none") for a in ARMS[1:]]
     between = [(ARMS[1], ARMS[3]), (ARMS[2], ARMS[3]), (ARMS[1], ARMS[4]), (ARMS[1], ARMS[2])]
-    text.write("## Against none (paired by seed)\n\n" + difference_table(records, rng, against_none) + "\n\n")
+    text.write("## Against none (paired by seed)\n\n" + difference_table(records, against_none) + "\n\n")
     text.write("## Between the regularizers (paired by seed): the paper's ordering against the end-to-end baseline "
                "as described and as their code ran it, and the activation term\n\n"
-               + difference_table(records, rng, between) + "\n\n")
+               + difference_table(records, between) + "\n\n")
     text.write("## Clean accuracy (paired by seed; Holm within each of the two families above)\n\n"
                + clean_table(records, against_none) + "\n\n" + clean_table(records, between) + "\n\n")
     text.write("## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n")
     text.write("## At the authors' 40 iterations (the same runs, read off their trace)\n\n"
                + authors_budget_table(records) + "\n\n")
+    text.write("## The shared prefix's learning curve\n\n" + learning_curve_table(records) + "\n\n")
     text.write("## Where the time went\n\n" + time_table(records) + "\n")
     dose = networks(client, DOSE) if sweep == MAIN else []
     if dose:

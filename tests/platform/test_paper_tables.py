@@ -39,7 +39,7 @@ def test_paired_differences_match_a_direct_computation_and_scipy(monkeypatch):
         base = rng.uniform(0.2, 2.0, 301)
         records += [network(seed, "none", base), network(seed, "all-layer-spectral", base + shift),
                     network(seed, "rep-spectral + activation term", base + shift + 0.02)]
-    table = paper_study.difference_table(records, np.random.default_rng(0),
+    table = paper_study.difference_table(records,
                                          [("rep-spectral + activation term", "none"), ("all-layer-spectral", "none")])
     row = cell(table, "all-layer-spectral − none", "median distance")
     # A shift of every distance moves the median by the shift: the mean difference is the mean shift.
@@ -143,3 +143,29 @@ def test_tradeoff_points_put_every_network_at_the_dose_budget():
     assert {q["budget"] for q in points} == {80} and points[0]["clean"] == pytest.approx(85.0)
     # without a dose sweep, every network at its full budget
     assert [q["median"] for q in paper_study.tradeoff_points(main, [])] == [1.0, 1.0]
+
+
+def test_learning_curve_table_reads_the_prefix_and_shows_arms_that_left_it():
+    curve = {e: e / 1000 for e in range(1, 401)}   # test accuracy e/1000 after epoch e
+    records = [network(400, "none", [1.0]), network(400, "rep-spectral", [1.0]), network(500, "none", [1.0]),
+               network(500, "rep-spectral", [1.0])]
+    for r in records:
+        r["test_acc"] = dict(curve)
+    records[3]["test_acc"][360] = 0.5   # seed 500's rep-spectral did not resume the shared prefix
+    table = paper_study.learning_curve_table(records)
+    assert cell(table, "400", "0.1 / 0.5 / 2.0 / 3.0 / 10.0 / 20.0")[2:] == ["36.00", "2"]
+    assert cell(table, "500", "0.1 / 0.5 / 2.0 / 3.0 / 10.0 / 20.0")[2:] == ["36.00, 50.00", "2"]
+
+
+def test_an_added_arm_leaves_the_other_intervals_as_they_were(monkeypatch):
+    monkeypatch.setattr(paper_study, "BOOTSTRAP", 500)
+    rng = np.random.default_rng(2)
+    records = []
+    for seed in (400, 500):
+        base = rng.uniform(0.2, 2.0, 101)
+        records += [network(seed, "none", base), network(seed, "rep-spectral", base + rng.uniform(0, 0.2, 101))]
+    extra = [network(400, "all-layer-spectral", rng.uniform(0.2, 2.0, 101))]
+    alone = paper_study.difference_table(records, [("rep-spectral", "none")])
+    beside = paper_study.difference_table(records + extra, [("all-layer-spectral", "none"), ("rep-spectral", "none")])
+    for statistic in ("median distance", "robust ε=1.0"):
+        assert cell(alone, "rep-spectral − none", statistic)[4] == cell(beside, "rep-spectral − none", statistic)[4]
