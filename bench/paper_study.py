@@ -444,9 +444,17 @@ def tradeoff_points(records: list[dict], dose: list[dict]) -> list[dict]:
 
 def tradeoff_figure(records: list[dict], dose: list[dict], path: Path) -> None:
     """Median distance against clean accuracy, one marker per network: the main study's arms as coloured
-    circles, the dose sweep's networks as labelled triangles."""
+    circles, the dose sweep's networks as labelled triangles, and the line through the means of `none` and
+    all-layer spectral (a network above it trades clean accuracy for distance better than all-layer did)."""
     points = tradeoff_points(records, dose)
     fig, ax = axes((6.4, 4.2))
+    ends = [[(q["clean"], q["median"]) for q in points if q["source"] == "main" and q["arm"] == name]
+            for name in ("none", "all-layer-spectral")]
+    if all(ends):
+        (x0, y0), (x1, y1) = (np.mean(end, axis=0) for end in ends)
+        xs = np.array([min(q["clean"] for q in points), max(q["clean"] for q in points)])
+        ax.plot(xs, y0 + (xs - x0) * (y1 - y0) / (x1 - x0), linestyle="--", color="#999999", linewidth=1,
+                label="through the means of none and all-layer")
     for name in ARMS:
         mine = [q for q in points if q["source"] == "main" and q["arm"] == name]
         if mine:

@@ -82,7 +82,9 @@ def test_figures_are_drawn(tmp_path):
              for s in (1e-3, 1e-2) for e in (370, 380)]
     paper_study.dose_figure(dose, tmp_path / "dose.png")
     paper_study.robust_figure(dose, tmp_path / "robust.png")
-    paper_study.tradeoff_figure(dose, dose, tmp_path / "tradeoff.png")
+    layer = network(400, "all-layer-spectral", base + 0.2, iterations=80)
+    layer["metrics"]["clean_acc"] = 0.84   # the line through none's and all-layer's means gets drawn
+    paper_study.tradeoff_figure(dose + [layer], dose, tmp_path / "tradeoff.png")
     for name in ("dose.png", "robust.png", "tradeoff.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
