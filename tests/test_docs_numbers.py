@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-NUMBER = re.compile(r"[+\-−]?\d+(?:\.\d+)?")
+NUMBER = re.compile(r"[+\-−]?\d+(?:\.\d+)?(?:e[+\-]\d+)?")  # tables.md writes tiny p as 5.68e-05
 
 # results.md's shorter row names -> tables.md's
 ARMS = {"`none`": "none", "rep-spectral + activation term (their `eig-ub`)": "rep-spectral + activation term",
@@ -38,7 +38,7 @@ def numbers(cell: str) -> list[float]:
 
 
 def decimals(cell: str) -> list[int]:
-    return [len(n.split(".")[1]) if "." in n else 0 for n in NUMBER.findall(cell)]
+    return [len(n.split("e")[0].split(".")[1]) if "." in n else 0 for n in NUMBER.findall(cell)]
 
 
 def agrees(shown: str, generated: str) -> bool:
@@ -89,3 +89,4 @@ def test_the_check_catches_a_slip():
     assert not agrees("+0.084 [+0.039, +0.145]", "+0.0841 [+0.0404, +0.145]")
     assert agrees("0.85", "0.846") and not agrees("0.84", "0.846")
     assert agrees("−0.41, 0.015", "-0.41 0.0153") and not agrees("−0.41, 0.015", "+0.41 0.0153")
+    assert agrees("0.0002", "1.7e-04") and not agrees("0.0002", "5.68e-05")
