@@ -309,7 +309,7 @@ def learning_curve_table(records: list[dict]) -> str:
         if not rows:
             rows = [f"| seed | test acc (%) after epoch {' / '.join(map(str, CURVE_EPOCHS))} | epoch {burnin}, "
                     "every arm of the seed | arms |", "|---|---|---|---|"]
-        early = " / ".join(f"{100 * base['test_acc'][e]:.1f}" for e in CURVE_EPOCHS if e in base["test_acc"])
+        early = " / ".join(f"{100 * base['test_acc'][e]:.1f}" if e in base["test_acc"] else "—" for e in CURVE_EPOCHS)
         last = sorted({f"{100 * r['test_acc'][burnin]:.2f}" for r in group if burnin in r["test_acc"]})
         rows.append(f"| {seed} | {early} | {', '.join(last)} | {len(group)} |")
     return "\n".join(rows)

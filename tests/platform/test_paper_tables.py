@@ -171,3 +171,9 @@ def test_an_added_arm_leaves_the_other_intervals_as_they_were(monkeypatch):
     beside = paper_study.difference_table(records + extra, [("all-layer-spectral", "none"), ("rep-spectral", "none")])
     for statistic in ("median distance", "robust ε=1.0"):
         assert cell(alone, "rep-spectral − none", statistic)[4] == cell(beside, "rep-spectral − none", statistic)[4]
+
+
+def test_learning_curve_table_marks_an_epoch_the_store_lacks():
+    record = network(400, "none", [1.0])
+    record["test_acc"] = {e: e / 1000 for e in range(1, 401) if e != 5}
+    assert "| 0.1 / — / 2.0 / 3.0 / 10.0 / 20.0 |" in paper_study.learning_curve_table([record])
