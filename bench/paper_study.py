@@ -460,7 +460,7 @@ def tradeoff_figure(records: list[dict], dose: list[dict], path: Path) -> None:
         if mine:
             ax.scatter([q["clean"] for q in mine], [q["median"] for q in mine], color=COLORS[name], label=name)
     for q in (q for q in points if q["source"] == "dose"):
-        ax.scatter(q["clean"], q["median"], marker="^", color=COLORS.get(q["arm"], "#777777"), edgecolor="black")
+        ax.scatter(q["clean"], q["median"], marker="^", color=COLORS[q["arm"]], edgecolor="black")
         ax.annotate(q["label"], (q["clean"], q["median"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="clean accuracy (%)", ylabel="median distance (correct points)",
            title=f"One marker per network; TangentAttack, {points[0]['budget']} iterations")

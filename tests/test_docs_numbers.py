@@ -22,11 +22,9 @@ def rows(text: str, header_start: str) -> list[list[str]]:
     out, inside = [], False
     for line in text.splitlines():
         if line.startswith(header_start):
-            inside, skip = True, 1  # the header's separator row follows
+            inside = True
         elif inside and line.startswith("|"):
-            if skip:
-                skip = 0
-            else:
+            if not line.startswith("|---"):   # the header's separator row
                 out.append([c.strip() for c in line.strip().strip("|").split("|")])
         else:
             inside = False
