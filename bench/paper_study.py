@@ -1,13 +1,17 @@
 """Yang et al.'s Fashion-MNIST experiment through the `specreg` command, and the tables and figures of its results.
 
     python bench/paper_study.py run [--resume]   # the sweeps (hours on a 2-core CPU; --resume continues them)
-    python bench/paper_study.py tables           # docs/figures/paper-fmnist-slp/: tables.md and figures, from MLflow
+    python bench/paper_study.py export           # each sweep's networks, from MLflow to networks-<sweep>.parquet
+    python bench/paper_study.py tables           # tables.md and the figures, from the exports in the same folder
 
 `search_spaces/paper_fmnist_slp.yaml` states the authors' recipe (docs/paper_recipe.md maps it line by line);
 `search_spaces/paper_fmnist_slp_readout.yaml` adds the authors' `spectral` arm as their code ran it (the readout
 alone), whose networks the tables put beside the main study's; `search_spaces/paper_fmnist_slp_dose.yaml`
 λ = 1e-2 and 10 / 20 regularized epochs on one seed. Every
-number in the tables is read from the MLflow store the sweeps fill (`--mlflow`, default ./studies.db).
+number in the tables is read from the MLflow store the sweeps fill (`--mlflow`, default ./studies.db), through
+the exports: a store lives on the machine that ran the sweeps and can be lost with it (the main study's was), so
+`export` copies what the tables read (metrics, the attack's trace, every attacked point's distance, the epochs'
+test accuracy and seconds) into one Parquet file per sweep, which is committed beside the tables it makes.
 
 Statistics. The unit of replication is the seed (one network per arm and seed). Per arm: mean ± the 95%
 t-interval over seeds. Against `none`, and between the regularizers (rep-spectral against all-layer spectral, the
@@ -94,6 +98,63 @@ def networks(client, sweep: str) -> list[dict]:
     return sorted(out, key=seed_then_arm)
 
 
+# The exported columns: one row per network, as `networks` returns it (histories keyed by epoch or iteration).
+def export_schema():
+    import pyarrow as pa
+
+    by_step = pa.map_(pa.int64(), pa.float64())
+    return pa.schema([("run_id", pa.string()), ("seed", pa.int64()), ("arm", pa.string()),
+                      ("strength", pa.float64()), ("epochs", pa.int64()), ("burnin", pa.int64()),
+                      ("iterations", pa.int64()), ("burnin_tag", pa.string()),
+                      ("metrics", pa.map_(pa.string(), pa.float64())),
+                      ("trace", pa.map_(pa.int64(), pa.map_(pa.string(), pa.float64()))),
+                      ("epoch_seconds", by_step), ("test_acc", by_step), ("distances", pa.list_(pa.float64()))])
+
+
+def write_networks(records: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = export_schema()
+    maps = lambda d: list(d.items())  # noqa: E731  (pyarrow takes a map as (key, value) pairs)
+    rows = [{**{name: r[name] for name in schema.names}, "metrics": maps(r["metrics"]),
+             "trace": [(t, maps(v)) for t, v in r["trace"].items()], "epoch_seconds": maps(r["epoch_seconds"]),
+             "test_acc": maps(r["test_acc"]), "distances": np.asarray(r["distances"], float).tolist()}
+            for r in records]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def read_networks(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(path).to_pylist()
+    for r in records:
+        for key in ("metrics", "epoch_seconds", "test_acc"):
+            r[key] = dict(r[key])
+        r["trace"] = {t: dict(v) for t, v in r["trace"]}
+        r["distances"] = np.array(r["distances"], dtype=float)
+    return sorted(records, key=seed_then_arm)
+
+
+def export(mlflow: str, out: Path = OUT) -> list[Path]:
+    """Write each sweep's finished networks in the store to `out/networks-<sweep>.parquet`."""
+    from mlflow.tracking import MlflowClient
+
+    from specreg_platform.track import connection
+
+    client = MlflowClient(connection.resolve_uri(mlflow))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sweep in (MAIN, READOUT, DOSE):
+        records = networks(client, sweep)
+        if records:
+            write_networks(records, out / f"networks-{sweep}.parquet")
+            written.append(out / f"networks-{sweep}.parquet")
+    if not written:
+        raise SystemExit(f"no finished network of {MAIN}, {READOUT} or {DOSE} in {mlflow}")
+    return written
+
+
 def seed_then_arm(record: dict) -> tuple:
     return record["seed"], ARMS.index(record["arm"]) if record["arm"] in ARMS else len(ARMS)
 
@@ -125,6 +186,8 @@ def paired(base: list[dict], other: list[dict], name: str, rng) -> dict:
     """Paired difference other − base over the seeds both have, on a point statistic of the distances."""
     stat = point_statistic(name)
     pairs = [(b["distances"], o["distances"]) for b in base for o in other if b["seed"] == o["seed"]]
+    if not pairs:
+        return {"n": 0}
     diffs = np.array([stat(o) - stat(b) for b, o in pairs])
     n = len(pairs)
     boot = np.empty(BOOTSTRAP)
@@ -253,7 +316,18 @@ def at(record: dict, t: int, key: str) -> float:
     return record["metrics"][key] if t == record["iterations"] else record["trace"][t][key]
 
 
-def convergence_table(records: list[dict]) -> str:
+def arm_label(record: dict) -> str:
+    return record["arm"]
+
+
+def dose_label(record: dict) -> str:
+    """A dose network by what sets it apart from the others of its seed: the arm, λ and regularized epochs."""
+    if record["arm"] == "none":
+        return f"none, {record['epochs']} ep."
+    return f"λ={record['strength']:g}, {record['epochs'] - record['burnin']} reg. ep."
+
+
+def convergence_table(records: list[dict], label=arm_label) -> str:
     """Per network: queries, median distance and robust accuracy at each traced iteration and the full run,
     and the change of the median over the last doubling (the budget's convergence)."""
     rows = []
@@ -269,7 +343,7 @@ def convergence_table(records: list[dict]) -> str:
         acc = [at(r, t, "kept_1.0") for t in points]
         half = points.index(its // 2) if its // 2 in points else None
         change = "" if half is None else f"{100 * (med[-1] / med[half] - 1):+.2f}%"
-        rows.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
+        rows.append(f"| {r['seed']} | {label(r)} | {' / '.join(f'{q:,.0f}' for q in queries)} | "
                     f"{' / '.join(f'{v:.4f}' for v in med)} | {change} | "
                     f"{' / '.join(f'{100 * v:.1f}' for v in acc)} |")
     return "\n".join(rows)
@@ -315,7 +389,7 @@ def learning_curve_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def time_table(records: list[dict]) -> str:
+def time_table(records: list[dict], label=arm_label) -> str:
     """Seconds per network. An attack continued from its saved state after a session's end
     (`attack_resumed_at` > 0) logs only the time of its last part, so its rate is left out."""
     rows = ["| seed | arm | prefix epochs (s, shared) | own epochs (s) | attack (s) | attack rows / s |",
@@ -329,7 +403,7 @@ def time_table(records: list[dict]) -> str:
         else:
             queries = r["metrics"]["attack_queries_mean"] * r["metrics"]["attack_samples"]
             attack, rate = f"{seconds:,.0f}", f"{queries / seconds:,.0f}"
-        rows.append(f"| {r['seed']} | {r['arm']} | {sum(prefix):,.0f} | {sum(own):,.0f} | {attack} | {rate} |")
+        rows.append(f"| {r['seed']} | {label(r)} | {sum(prefix):,.0f} | {sum(own):,.0f} | {attack} | {rate} |")
     return "\n".join(rows)
 
 
@@ -433,10 +507,7 @@ def tradeoff_points(records: list[dict], dose: list[dict]) -> list[dict]:
         for r in group:
             if not has_budget(r, budget):
                 continue
-            label = r["arm"]
-            if source == "dose":
-                label = (f"none, {r['epochs']} ep." if r["arm"] == "none"
-                         else f"λ={r['strength']:g}, {r['epochs'] - r['burnin']} reg. ep.")
+            label = dose_label(r) if source == "dose" else r["arm"]
             points.append({"source": source, "arm": r["arm"], "label": label, "budget": budget,
                            "clean": 100 * r["metrics"]["clean_acc"], "median": at(r, budget, "med_dist_correct")})
     return points
@@ -467,59 +538,71 @@ def tradeoff_figure(records: list[dict], dose: list[dict], path: Path) -> None:
     save_figure(fig, ax, path)
 
 
-def tables(mlflow: str, sweep: str = MAIN, out: Path = OUT) -> str:
-    from mlflow.tracking import MlflowClient
-
-    from specreg_platform.track import connection
-
-    client = MlflowClient(connection.resolve_uri(mlflow))
-    # the readout follow-up's networks join the main study's: same prefixes, same attack, one more arm
-    records = networks(client, sweep) + (networks(client, READOUT) if sweep == MAIN else [])
-    records.sort(key=seed_then_arm)
-    out.mkdir(parents=True, exist_ok=True)
+def tables(folder: Path = OUT) -> str:
+    """tables.md and the figures from the exports in folder: the main study's sections when it holds the main
+    study (with the readout arm beside it), the dose sections when it holds the dose sweep (read beside the
+    main study's seed when both are there)."""
+    exports = {sweep: folder / f"networks-{sweep}.parquet" for sweep in (MAIN, READOUT, DOSE)}
+    found = {sweep: read_networks(path) for sweep, path in exports.items() if path.exists()}
+    if not found:
+        raise SystemExit(f"no networks-<sweep>.parquet in {folder}: run `python bench/paper_study.py export` first")
+    records = sorted(found.get(MAIN, []) + found.get(READOUT, []), key=seed_then_arm)
+    dose = found.get(DOSE, [])
     text = io.StringIO()
-    seeds = sorted({r["seed"] for r in records})
-    text.write(f"# {sweep}: the tables\n\nGenerated by `python bench/paper_study.py tables` from `{mlflow}`; "
-               f"{len(records)} networks finished, seeds {seeds}.\n\n")
-    text.write("## Per arm (mean ± 95% t half-width over seeds; robust accuracies among correctly classified "
-               "points unless marked)\n\n" + arm_table(records) + "\n\n")
+    text.write(f"# {MAIN}: the tables\n\nGenerated by `python bench/paper_study.py tables` from "
+               + ", ".join(f"`{exports[sweep].name}` ({len(group)} networks)" for sweep, group in found.items())
+               + f"; seeds {sorted({r['seed'] for group in found.values() for r in group})}.\n\n")
+    if records:
+        text.write(main_sections(records))
+    if dose:
+        text.write("## Dose and time (one seed)\n\n" + dose_table(dose, records) + "\n\n")
+        if not records:   # the dose sweep's own networks, as the main study's sections show its networks
+            text.write("## The attack's convergence (every network)\n\n" + convergence_table(dose, dose_label)
+                       + "\n\n## The shared prefix's learning curve\n\n" + learning_curve_table(dose)
+                       + "\n\n## Where the time went\n\n" + time_table(dose, dose_label) + "\n\n")
+        dose_figure(dose, folder / "dose.png")
+    if records:
+        robust_figure(records, folder / "robust_vs_eps.png")
+        tradeoff_figure(records, dose, folder / "tradeoff.png")
+    report = text.getvalue().rstrip("\n") + "\n"
+    (folder / "tables.md").write_text(report)
+    return report
+
+
+def main_sections(records: list[dict]) -> str:
+    """The main study's sections: per arm, paired differences, clean accuracy, the attack's convergence, the
+    authors' budget, the prefix's learning curve and the time."""
     against_none = [(a, "none") for a in ARMS[1:]]
     between = [(ARMS[1], ARMS[3]), (ARMS[2], ARMS[3]), (ARMS[1], ARMS[4]), (ARMS[1], ARMS[2])]
-    text.write("## Against none (paired by seed)\n\n" + difference_table(records, against_none) + "\n\n")
-    text.write("## Between the regularizers (paired by seed): the paper's ordering against the end-to-end baseline "
-               "as described and as their code ran it, and the activation term\n\n"
-               + difference_table(records, between) + "\n\n")
-    text.write("## Clean accuracy (paired by seed; Holm within each of the two families above)\n\n"
-               + clean_table(records, against_none) + "\n\n" + clean_table(records, between) + "\n\n")
-    text.write("## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n")
-    text.write("## At the authors' 40 iterations (the same runs, read off their trace)\n\n"
-               + authors_budget_table(records) + "\n\n")
-    text.write("## The shared prefix's learning curve\n\n" + learning_curve_table(records) + "\n\n")
-    text.write("## Where the time went\n\n" + time_table(records) + "\n")
-    dose = networks(client, DOSE) if sweep == MAIN else []
-    if dose:
-        text.write("\n## Dose and time (one seed)\n\n" + dose_table(dose, records) + "\n")
-        dose_figure(dose, out / "dose.png")
-    if records:
-        robust_figure(records, out / "robust_vs_eps.png")
-        tradeoff_figure(records, dose, out / "tradeoff.png")
-    (out / "tables.md").write_text(text.getvalue())
-    return text.getvalue()
+    return ("## Per arm (mean ± 95% t half-width over seeds; robust accuracies among correctly classified points "
+            "unless marked)\n\n" + arm_table(records) + "\n\n"
+            "## Against none (paired by seed)\n\n" + difference_table(records, against_none) + "\n\n"
+            "## Between the regularizers (paired by seed): the paper's ordering against the end-to-end baseline "
+            "as described and as their code ran it, and the activation term\n\n"
+            + difference_table(records, between) + "\n\n"
+            "## Clean accuracy (paired by seed; Holm within each of the two families above)\n\n"
+            + clean_table(records, against_none) + "\n\n" + clean_table(records, between) + "\n\n"
+            "## The attack's convergence (every network)\n\n" + convergence_table(records) + "\n\n"
+            "## At the authors' 40 iterations (the same runs, read off their trace)\n\n"
+            + authors_budget_table(records) + "\n\n"
+            "## The shared prefix's learning curve\n\n" + learning_curve_table(records) + "\n\n"
+            "## Where the time went\n\n" + time_table(records) + "\n\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["run", "tables"])
+    parser.add_argument("what", choices=["run", "export", "tables"])
     parser.add_argument("--mlflow", default="studies.db", help="MLflow store (default ./studies.db)")
     parser.add_argument("--storage", default="specreg-studies", help="Ray results folder")
     parser.add_argument("--resume", action="store_true", help="continue the sweeps")
-    parser.add_argument("--sweep", default=MAIN, help=f"the sweep to tabulate (default {MAIN})")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder for tables.md and the figure")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the exports, tables.md and the figures")
     args = parser.parse_args()
     if args.what == "run":
         run(args.mlflow, args.storage, args.resume)
+    elif args.what == "export":
+        print("\n".join(map(str, export(args.mlflow, args.out))))
     else:
-        print(tables(args.mlflow, args.sweep, args.out))
+        print(tables(args.out))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,72 @@ def test_learning_curve_table_marks_an_epoch_the_store_lacks():
     record = network(400, "none", [1.0])
     record["test_acc"] = {e: e / 1000 for e in range(1, 401) if e != 5}
     assert "| 0.1 / — / 2.0 / 3.0 / 10.0 / 20.0 |" in paper_study.learning_curve_table([record])
+
+
+def exported_network(seed, arm, distances, **kwargs):
+    """A network with every field the export keeps: run id, the prefix's tag, the epochs' histories."""
+    record = network(seed, arm, distances, **kwargs)
+    d = record["distances"]
+    record["metrics"].update({"attack_seconds": 100.0, "attack_samples": float(len(d)), "acc_1.0": 0.4,
+                              "adv_auc": 0.3, **{f"kept_{e}": float(np.mean(d > e)) for e in (0.5, 1.0, 2.0)}})
+    return {**record, "run_id": f"run-{seed}-{arm}-{record['epochs']}-{record['strength']}", "burnin_tag": "b45aaa3",
+            "epoch_seconds": {e: 2.5 + e / 1000 for e in range(1, record["epochs"] + 1)},
+            "test_acc": {e: 0.5 + e / 1000 for e in range(10, record["epochs"] + 1, 10)} | {1: 0.2, 5: 0.5}}
+
+
+def test_export_keeps_every_field_the_tables_read(tmp_path):
+    trace = {10: {"med_dist_correct": 1.4, "kept_1.0": 0.7, "attack_queries_mean": 2514.0},
+             40: {"med_dist_correct": 1.2, "kept_1.0": 0.6, "attack_queries_mean": 18154.0}}
+    records = [exported_network(400, "none", [0.3, 1.7, np.inf], iterations=80, trace=trace),
+               exported_network(400, "rep-spectral + activation term", [0.5, 2.0, 0.25], strength=1e-2, epochs=370)]
+    records[1]["burnin_tag"] = None
+    path = tmp_path / "networks-x.parquet"
+    paper_study.write_networks(records, path)
+    back = paper_study.read_networks(path)
+    assert len(back) == 2
+    for before, after in zip(records, back):
+        assert set(after) == set(before)
+        np.testing.assert_array_equal(after.pop("distances"), before["distances"])
+        assert after == {k: v for k, v in before.items() if k != "distances"}
+    # the histories come back keyed by their integer step, so `at` and the learning curve read them as before
+    assert paper_study.at(back[0], 40, "med_dist_correct") == 1.2 and back[0]["test_acc"][5] == 0.5
+
+
+def test_tables_from_the_dose_export_alone(tmp_path):
+    base = np.linspace(0.5, 1.5, 101)
+    dose = [exported_network(400, "none", base, epochs=370, iterations=80),
+            exported_network(400, "rep-spectral + activation term", base + 0.2, strength=1e-2, epochs=370,
+                             iterations=80)]
+    paper_study.write_networks(dose, tmp_path / f"networks-{paper_study.DOSE}.parquet")
+    text = paper_study.tables(tmp_path)
+    assert text == (tmp_path / "tables.md").read_text()
+    assert "networks-paper-fmnist-slp-dose.parquet` (2 networks)" in text and "## Per arm" not in text
+    assert float(cell(text, "10", "rep-spectral + activation term")[6]) == pytest.approx(0.2)
+    # the dose networks' own convergence and time rows, each named by λ and epochs
+    assert cell(text, "400", "λ=0.01, 10 reg. ep.")[3] == "1.2000" and cell(text, "400", "none, 370 ep.")
+    assert (tmp_path / "dose.png").exists() and not (tmp_path / "tradeoff.png").exists()
+
+
+def test_tables_without_an_export_say_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="paper_study.py export"):
+        paper_study.tables(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tables_from_the_main_and_dose_exports(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper_study, "BOOTSTRAP", 200)
+    base = np.linspace(0.5, 1.5, 101)
+    trace = {80: {"med_dist_correct": 1.1, "kept_1.0": 0.6, "attack_queries_mean": 1.0}}
+    main = [exported_network(seed, arm, base + shift, trace=trace)
+            for seed in (400, 500) for arm, shift in (("none", 0.0), ("all-layer-spectral", 0.1))]
+    for r in main[1::2]:
+        r["metrics"]["clean_acc"] = 0.84   # all-layer's cost, so the trade-off figure's line has a slope
+    dose = [exported_network(400, "none", base, epochs=370, iterations=80)]
+    paper_study.write_networks(main, tmp_path / f"networks-{paper_study.MAIN}.parquet")
+    paper_study.write_networks(dose, tmp_path / f"networks-{paper_study.DOSE}.parquet")
+    text = paper_study.tables(tmp_path)
+    assert cell(text, "all-layer-spectral − none", "median distance")[3] == "+0.1"
+    # the dose table reads the main study's seed beside the dose networks, at the dose budget
+    assert cell(text, "40", "none")[3:6] == ["main", "85.0", "1.1000"]
+    assert text.count("## The attack's convergence") == 1
+    assert all((tmp_path / name).exists() for name in ("dose.png", "robust_vs_eps.png", "tradeoff.png"))
