@@ -150,13 +150,15 @@ def test_tradeoff_points_put_every_network_at_the_dose_budget():
 def test_learning_curve_table_reads_the_prefix_and_shows_arms_that_left_it():
     curve = {e: e / 1000 for e in range(1, 401)}   # test accuracy e/1000 after epoch e
     records = [network(400, "none", [1.0]), network(400, "rep-spectral", [1.0]), network(500, "none", [1.0]),
-               network(500, "rep-spectral", [1.0])]
+               network(500, "rep-spectral", [1.0]), network(600, "rep-spectral", [1.0])]
     for r in records:
         r["test_acc"] = dict(curve)
     records[3]["test_acc"][360] = 0.5   # seed 500's rep-spectral did not resume the shared prefix
     table = paper_study.learning_curve_table(records)
     assert cell(table, "400", "0.1 / 0.5 / 2.0 / 3.0 / 10.0 / 20.0")[2:] == ["36.00", "2"]
     assert cell(table, "500", "0.1 / 0.5 / 2.0 / 3.0 / 10.0 / 20.0")[2:] == ["36.00, 50.00", "2"]
+    # a seed without a `none` network (a dose sweep's first finished network) reads the prefix off another
+    assert cell(table, "600", "0.1 / 0.5 / 2.0 / 3.0 / 10.0 / 20.0")[2:] == ["36.00", "1"]
 
 
 def test_an_added_arm_leaves_the_other_intervals_as_they_were(monkeypatch):
@@ -216,7 +218,9 @@ def test_tables_from_the_dose_export_alone(tmp_path):
     paper_study.write_networks(dose, tmp_path / f"networks-{paper_study.DOSE}.parquet")
     text = paper_study.tables(tmp_path)
     assert text == (tmp_path / "tables.md").read_text()
+    assert text.startswith("# paper-fmnist-slp-dose: the tables")
     assert "networks-paper-fmnist-slp-dose.parquet` (2 networks)" in text and "## Per arm" not in text
+    assert cell(text, "400", "20.0 / 50.0 / 52.0 / 53.0 / 60.0 / 70.0")[2:] == ["86.00", "2"]
     assert float(cell(text, "10", "rep-spectral + activation term")[6]) == pytest.approx(0.2)
     # the dose networks' own convergence and time rows, each named by λ and epochs
     assert cell(text, "400", "λ=0.01, 10 reg. ep.")[3] == "1.2000" and cell(text, "400", "none, 370 ep.")
