@@ -456,7 +456,7 @@ def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
         for r in group:
             if not has_budget(r, budget):
                 continue
-            rows.append({"source": source, "arm": r["arm"], "strength": r["strength"],
+            rows.append({"source": source, "network": r, "arm": r["arm"], "strength": r["strength"],
                          "regularized": r["epochs"] - r["burnin"], "clean": r["metrics"]["clean_acc"],
                          "median": at(r, budget, "med_dist_correct"), "robust": at(r, budget, "kept_1.0"),
                          "sigma": r["metrics"]["sigma_sq_sum"]})
@@ -465,17 +465,26 @@ def dose_rows(dose: list[dict], records: list[dict]) -> list[dict]:
 
 def dose_table(dose: list[dict], records: list[dict]) -> str:
     """Per network of the dose seed: median distance and robust accuracy at the dose budget, and the median's
-    difference from `none` after the same number of epochs."""
+    difference from `none` after the same number of epochs, with a 95% bootstrap interval over the attacked
+    points where both networks' distances are at that budget (one seed: the attack sample's noise only)."""
     rows = dose_rows(dose, records)
-    none = {r["regularized"]: r["median"] for r in rows if r["arm"] == "none" and r["source"] == "dose"}
+    none = {r["regularized"]: r for r in rows if r["arm"] == "none" and r["source"] == "dose"}
     lines = [f"Seed {dose[0]['seed']}; every network read after {dose[0]['iterations']} attack iterations (the "
-             "main study's from its trace; `main` rows repeat a dose network and should agree with it).", "",
+             "main study's from its trace; `main` rows repeat a dose network and should agree with it). `− none`: "
+             "the median's difference from `none` after as many epochs, with its 95% bootstrap interval over the "
+             "attacked points (this seed's networks only).", "",
              "| regularized epochs | arm | λ | sweep | clean (%) | median distance | − none | robust ε=1 (%) "
              "| Σσ² |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         strength = "—" if r["arm"] == "none" else f"{r['strength']:g}"
-        delta = f"{r['median'] - none[r['regularized']]:+.4f}" if r["regularized"] in none else "—"
+        base = none.get(r["regularized"])
+        delta = "—" if base is None else f"{r['median'] - base['median']:+.4f}"
+        if base is not None and r["source"] == "dose" and r is not base:
+            name = f"{dose_label(r['network'])} − none"
+            res = paired([base["network"]], [r["network"]], "median distance",
+                         np.random.default_rng(zlib.crc32(name.encode())))
+            delta += f" [{res['low']:+.4f}, {res['high']:+.4f}]"
         lines.append(f"| {r['regularized']} | {r['arm']} | {strength} | {r['source']} | {100 * r['clean']:.1f} | "
                      f"{r['median']:.4f} | {delta} | {100 * r['robust']:.1f} | {r['sigma']:.1f} |")
     return "\n".join(lines)
