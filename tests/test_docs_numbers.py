@@ -1,6 +1,6 @@
 """The paper study's tables in docs/results.md are copied by hand from the generated
-docs/figures/paper-fmnist-slp/tables.md (which bench/paper_study.py writes from the MLflow store); a copying
-slip fails here. Every number in results.md must be the generated one, rounded to the digits results.md shows."""
+docs/figures/paper-fmnist-slp/tables.md and docs/figures/paper-fmnist-slp-dose/tables.md (which
+bench/paper_study.py writes from the sweeps' exports); a copying slip fails here. Every number in results.md must be the generated one, rounded to the digits results.md shows."""
 import re
 from pathlib import Path
 
@@ -88,3 +88,30 @@ def test_the_check_catches_a_slip():
     assert agrees("0.85", "0.846") and not agrees("0.84", "0.846")
     assert agrees("−0.41, 0.015", "-0.41 0.0153") and not agrees("−0.41, 0.015", "+0.41 0.0153")
     assert agrees("0.0002", "1.7e-04") and not agrees("0.0002", "5.68e-05")
+
+
+def test_dose_table_is_the_generated_one(results, tables):
+    """results.md's dose table: the restarted sweep's rows are its generated tables.md's; the 40-epoch rows
+    come from the lost store's tables.md (its dose section, and the convergence table at 80 iterations for
+    seed 400's `none`); each `− none` is the row's median less `none`'s after the same epochs."""
+    dose = {(r[0], r[2]): r for r in rows((DOCS / "figures" / "paper-fmnist-slp-dose" / "tables.md").read_text(),
+                                            "| regularized epochs | arm | λ |")}
+    lost = {(r[0], r[2]): r for r in rows(tables, "| regularized epochs | arm | λ |")}
+    lost[("40", "—")] = next(["40", "none", "—", "main", None, r[3].split(" / ")[3], "—",
+                              r[5].split(" / ")[3], None] for r in rows(tables, "| seed | arm | queries")
+                             if r[:2] == ["400", "none"])
+    shown = rows(results, "| regularized epochs | λ | clean (%)")
+    assert len(shown) >= 6
+    medians = {(r[0], r[1]): float(made[5]) for r in shown
+               for made in [(dose if r[7] == "dose" else lost)[(r[0], r[1])]]}
+    for row in shown:
+        made = (dose if row[7] == "dose" else lost)[(row[0], row[1])]
+        pairs = [(row[3], made[5]), (row[5], made[7])] + [(a, b) for a, b in ((row[2], made[4]), (row[6], made[8]))
+                                                          if b is not None]
+        assert all(agrees(a, b) for a, b in pairs), (row, made)
+        if row[1] == "—":
+            continue
+        if row[7] == "dose":   # the generated difference and its interval
+            assert agrees(row[4], made[6]), (row, made)
+        else:                  # the lost store's dose table had no `none` at 40 epochs: the difference by hand
+            assert agrees(row[4], f"{medians[(row[0], row[1])] - medians[(row[0], '—')]:+.4f}"), row
