@@ -493,12 +493,14 @@ def dose_table(dose: list[dict], records: list[dict]) -> str:
 def dose_figure(dose: list[dict], path: Path) -> None:
     """Median distance against the number of regularized epochs: `none` and rep-spectral at each λ."""
     lines: dict[str, list] = {}
-    for r in dose_rows(dose, []):
+    rows = dose_rows(dose, [])
+    for r in rows:
         label = r["arm"] if r["arm"] == "none" else f"{r['arm']}, λ={r['strength']:g}"
         lines.setdefault(label, []).append((r["regularized"], r["median"]))
     fig, ax = axes((5.6, 3.8))
     for (label, points), color in zip(sorted(lines.items()), ("#000000", "#E69F00", "#0072B2", "#D55E00")):
         ax.plot(*zip(*sorted(points)), marker="o", color=color, label=label)
+    ax.set_xticks(sorted({r["regularized"] for r in rows}))
     ax.set(xlabel="regularized epochs (after the 360-epoch prefix)", ylabel="median distance (correct points)",
            title=f"Dose and time, seed {dose[0]['seed']}; TangentAttack, {dose[0]['iterations']} iterations")
     save_figure(fig, ax, path)
