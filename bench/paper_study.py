@@ -370,8 +370,8 @@ CURVE_EPOCHS = (1, 5, 20, 30, 100, 200)
 
 def learning_curve_table(records: list[dict]) -> str:
     """Per seed: the test accuracy of the shared unregularized prefix after a few epochs (read off the seed's
-    `none` network, or its first where it has none) and at its last epoch for every arm of the seed; the arms resume one prefix, so they agree
-    there to the last digit. The early epochs are where an independent loop with the authors' settings can be
+    `none` network, or its first where it has none) and at its last epoch for every arm of the seed; the arms
+    resume one prefix, so they agree there to the last digit. The early epochs are where an independent loop with the authors' settings can be
     laid beside this one (docs/results.md)."""
     rows = []
     for seed in sorted({r["seed"] for r in records}):
