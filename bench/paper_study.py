@@ -136,6 +136,11 @@ def read_networks(path: Path) -> list[dict]:
     return sorted(records, key=seed_then_arm)
 
 
+def export_path(folder: Path, sweep: str) -> Path:
+    """Where `export` writes a sweep's networks and `tables` reads them."""
+    return folder / f"networks-{sweep}.parquet"
+
+
 def export(mlflow: str, out: Path = OUT) -> list[Path]:
     """Write each sweep's finished networks in the store to `out/networks-<sweep>.parquet`."""
     from mlflow.tracking import MlflowClient
@@ -148,8 +153,8 @@ def export(mlflow: str, out: Path = OUT) -> list[Path]:
     for sweep in (MAIN, READOUT, DOSE):
         records = networks(client, sweep)
         if records:
-            write_networks(records, out / f"networks-{sweep}.parquet")
-            written.append(out / f"networks-{sweep}.parquet")
+            written.append(export_path(out, sweep))
+            write_networks(records, written[-1])
     if not written:
         raise SystemExit(f"no finished network of {MAIN}, {READOUT} or {DOSE} in {mlflow}")
     return written
@@ -551,7 +556,7 @@ def tables(folder: Path = OUT) -> str:
     """tables.md and the figures from the exports in folder: the main study's sections when it holds the main
     study (with the readout arm beside it), the dose sections when it holds the dose sweep (read beside the
     main study's seed when both are there)."""
-    exports = {sweep: folder / f"networks-{sweep}.parquet" for sweep in (MAIN, READOUT, DOSE)}
+    exports = {sweep: export_path(folder, sweep) for sweep in (MAIN, READOUT, DOSE)}
     found = {sweep: read_networks(path) for sweep, path in exports.items() if path.exists()}
     if not found:
         raise SystemExit(f"no networks-<sweep>.parquet in {folder}: run `python bench/paper_study.py export` first")

@@ -220,7 +220,7 @@ def test_tables_from_the_dose_export_alone(tmp_path):
     dose = [exported_network(400, "none", base, epochs=370, iterations=80),
             exported_network(400, "rep-spectral + activation term", base + 0.2, strength=1e-2, epochs=370,
                              iterations=80)]
-    paper_study.write_networks(dose, tmp_path / f"networks-{paper_study.DOSE}.parquet")
+    paper_study.write_networks(dose, paper_study.export_path(tmp_path, paper_study.DOSE))
     text = paper_study.tables(tmp_path)
     assert text == (tmp_path / "tables.md").read_text()
     assert text.startswith("# paper-fmnist-slp-dose: the tables")
@@ -247,8 +247,8 @@ def test_tables_from_the_main_and_dose_exports(tmp_path, monkeypatch):
     for r in main[1::2]:
         r["metrics"]["clean_acc"] = 0.84   # all-layer's cost, so the trade-off figure's line has a slope
     dose = [exported_network(400, "none", base, epochs=370, iterations=80)]
-    paper_study.write_networks(main, tmp_path / f"networks-{paper_study.MAIN}.parquet")
-    paper_study.write_networks(dose, tmp_path / f"networks-{paper_study.DOSE}.parquet")
+    paper_study.write_networks(main, paper_study.export_path(tmp_path, paper_study.MAIN))
+    paper_study.write_networks(dose, paper_study.export_path(tmp_path, paper_study.DOSE))
     text = paper_study.tables(tmp_path)
     assert cell(text, "all-layer-spectral − none", "median distance")[3] == "+0.1"
     # the dose table reads the main study's seed beside the dose networks, at the dose budget
